@@ -1,0 +1,1 @@
+"""The `trustmesh` command line."""

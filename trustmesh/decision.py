@@ -1,0 +1,77 @@
+"""Authorization decisions as values.
+
+A `Decision` is what `trustmesh.authz.authorize()` returns: allowed or not, a stable
+reason code, a human message and the rule that matched. The reason travels into the
+span, the audit log and the gRPC status details (`trustmesh: <reason>: <message>`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from trustmesh.errors import AccessDeniedError, Code
+
+__all__ = ["Decision", "Reason", "enforce"]
+
+
+class Reason(enum.StrEnum):
+    ALLOWED = "allowed"
+    # the caller or callee record
+    AGENT_NOT_REGISTERED = "agent_not_registered"
+    AGENT_DISABLED = "agent_disabled"
+    AGENT_EXPIRED = "agent_expired"
+    # policy
+    NO_MATCHING_POLICY = "no_matching_policy"
+    METHOD_NOT_IN_BLUEPRINT = "method_not_in_blueprint"
+    # outbound resolution
+    MISSING_TARGET = "missing_target"
+    UNKNOWN_TARGET = "unknown_target"
+    NO_ENDPOINT = "no_endpoint"
+    # transport and identity
+    PEER_UNAUTHENTICATED = "peer_unauthenticated"
+    PEER_IDENTITY_MISMATCH = "peer_identity_mismatch"
+    # the sidecar itself
+    NO_SNAPSHOT = "no_snapshot"
+    BAD_METHOD = "bad_method"
+    LIMIT_EXCEEDED = "limit_exceeded"
+
+
+_CODES: dict[Reason, Code] = {
+    Reason.PEER_UNAUTHENTICATED: Code.UNAUTHENTICATED,
+    Reason.PEER_IDENTITY_MISMATCH: Code.UNAUTHENTICATED,
+    Reason.NO_SNAPSHOT: Code.UNAVAILABLE,
+    Reason.NO_ENDPOINT: Code.UNAVAILABLE,
+    Reason.MISSING_TARGET: Code.INVALID_ARGUMENT,
+    Reason.BAD_METHOD: Code.INVALID_ARGUMENT,
+    Reason.LIMIT_EXCEEDED: Code.RESOURCE_EXHAUSTED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: Reason
+    message: str
+    policy: str | None = None
+
+    @classmethod
+    def allow(cls, policy: str, message: str = "allowed") -> Decision:
+        return cls(True, Reason.ALLOWED, message, policy)
+
+    @classmethod
+    def deny(cls, reason: Reason, message: str, policy: str | None = None) -> Decision:
+        return cls(False, reason, message, policy)
+
+    @property
+    def code(self) -> Code:
+        """The gRPC status a denial maps to."""
+        if self.allowed:
+            return Code.OK
+        return _CODES.get(self.reason, Code.PERMISSION_DENIED)
+
+
+def enforce(decision: Decision) -> None:
+    """Raise `AccessDeniedError` for a denial; do nothing for an allow."""
+    if not decision.allowed:
+        raise AccessDeniedError(decision.message, reason=decision.reason.value, code=decision.code)
