@@ -1,0 +1,143 @@
+"""`trustmesh registry serve`: the registry process.
+
+Two listeners, because grpcio can't make a client certificate optional on one port:
+* `--listen`: mTLS, client certificate required. Everything but bootstrap.
+* `--bootstrap-listen`: server TLS only. Join-token exchange and the bundle.
+Both serve `grpc.health.v1`. The registry's own SVID is issued by its CA at start and
+renewed at half its TTL; new handshakes pick it up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from trustmesh.ca import CertificateAuthority
+from trustmesh.grpc_tls import ServerCredentials, server_options
+from trustmesh.limits import DEFAULT_LIMITS, Limits
+from trustmesh.peer_verify import PeerVerifier
+from trustmesh.spiffe_id import SpiffeId
+from trustmesh.v1 import registry_pb2_grpc as rgrpc
+from trustmesh.v1 import resources_pb2 as pb
+from trustmesh.x509svid import BundleSet, X509Svid, generate_key, make_csr
+from trustmesh_registry.attestation import JoinTokenAttestor
+from trustmesh_registry.datadir import DataDir
+from trustmesh_registry.service import BootstrapService, Issuer, RegistryService
+from trustmesh_registry.state import RegistryState
+from trustmesh_registry.store_sqlite import SqliteStore
+
+__all__ = ["RegistryServer", "ServeConfig"]
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    data_dir: Path
+    listen: str = "127.0.0.1:8443"
+    bootstrap_listen: str = "127.0.0.1:8444"
+    svid_ttl: timedelta = timedelta(hours=1)
+    operator_ttl: timedelta = timedelta(days=30)
+    registry_svid_ttl: timedelta = timedelta(hours=24)
+    limits: Limits = DEFAULT_LIMITS
+
+
+class RegistryServer:
+    def __init__(self, config: ServeConfig, *, clock: Callable[[], datetime] = _now) -> None:
+        self.config = config
+        self.clock = clock
+        self.data = DataDir(config.data_dir)
+        self.ca: CertificateAuthority = self.data.load_ca()
+        td = self.ca.trust_domain
+        self.registry_id = SpiffeId.parse(f"spiffe://{td}/trustmesh/registry")
+        self.store = SqliteStore(self.data.database)
+        self.issuer = Issuer(
+            self.ca, self.registry_id, self.bundles, clock,
+            svid_ttl=config.svid_ttl, operator_ttl=config.operator_ttl,
+        )
+        self.attestor = JoinTokenAttestor(self.store, is_reserved=self.issuer.is_reserved)
+        self.state = RegistryState(self.store, self.bundles, reserved_ids=self.issuer.is_reserved)
+        self.bundle_set = BundleSet({}).with_bundle(self.ca.bundle())
+        self._verifier = PeerVerifier(self.bundle_set)
+        self.svid = self._issue_own_svid()
+        self._mtls_creds = ServerCredentials(self.svid, self.bundle_set)
+        self._boot_creds = ServerCredentials(self.svid, self.bundle_set, verify_clients=False)
+        self._servers: list[grpc.aio.Server] = []
+        self._health: list[HealthServicer] = []
+        self._renewer: asyncio.Task[None] | None = None
+        self.address = ""
+        self.bootstrap_address = ""
+
+    def bundles(self) -> list[pb.TrustBundle]:
+        b = self.ca.bundle()
+        return [pb.TrustBundle(trust_domain=b.trust_domain.name, x509_authorities=list(b.der()))]
+
+    def _issue_own_svid(self) -> X509Svid:
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        key = generate_key()
+        cert = self.ca.sign_csr(make_csr(key, self.registry_id), self.registry_id,
+                                now=self.clock(), ttl=self.config.registry_svid_ttl)
+        return X509Svid.from_der([cert.public_bytes(Encoding.DER)], key)
+
+    async def start(self) -> None:
+        limits = self.config.limits
+        mtls = grpc.aio.server(options=server_options(limits, age=True))
+        rgrpc.add_RegistryServicer_to_server(
+            RegistryService(self.state, self.issuer, self.attestor, lambda: self._verifier, limits=limits),
+            mtls,
+        )
+        boot = grpc.aio.server(options=server_options(limits, age=True))
+        rgrpc.add_BootstrapServicer_to_server(BootstrapService(self.issuer, self.attestor), boot)
+        for server in (mtls, boot):
+            health = HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health, server)
+            self._health.append(health)
+        port = mtls.add_secure_port(self.config.listen, self._mtls_creds.credentials())
+        bport = boot.add_secure_port(self.config.bootstrap_listen, self._boot_creds.credentials())
+        await mtls.start()
+        await boot.start()
+        self._servers = [mtls, boot]
+        self.address = f"{self.config.listen.rpartition(':')[0]}:{port}"
+        self.bootstrap_address = f"{self.config.bootstrap_listen.rpartition(':')[0]}:{bport}"
+        for health in self._health:
+            await health.set("", health_pb2.HealthCheckResponse.SERVING)
+            await health.set("trustmesh.v1.Registry", health_pb2.HealthCheckResponse.SERVING)
+        self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
+        log.info("registry %s serving on %s (mTLS) and %s (bootstrap)", self.registry_id,
+                 self.address, self.bootstrap_address)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            lifetime = (self.svid.not_after - self.svid.not_before).total_seconds()
+            wait = max(1.0, (self.svid.not_after - self.clock()).total_seconds() - lifetime / 2)
+            await asyncio.sleep(wait)
+            self.svid = self._issue_own_svid()
+            self._mtls_creds.update(self.svid, self.bundle_set)
+            self._boot_creds.update(self.svid, self.bundle_set)
+            log.info("registry SVID renewed, serial %s", self.svid.serial_hex)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+        for health in self._health:
+            with contextlib.suppress(Exception):
+                await health.enter_graceful_shutdown()
+        await asyncio.gather(*(s.stop(grace) for s in self._servers), return_exceptions=True)
+        self.store.close()
+
+    async def wait(self) -> None:
+        await asyncio.gather(*(s.wait_for_termination() for s in self._servers))

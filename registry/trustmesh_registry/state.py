@@ -1,0 +1,306 @@
+"""The registry's authoritative in-memory state, its change log and its watchers.
+
+Every write goes to the store first, then to memory, then out to watchers as one
+`SnapshotUpdate` stamped (epoch, revision). The epoch is new at every start, so a
+registry restored from an older backup is never mistaken for a stale one: sidecars
+see a new epoch and take the full snapshot. A write's cost is O(change): only the
+changed records are sent, and watchers apply them to their indexes incrementally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from trustmesh import wire
+from trustmesh.errors import ConfigError, ManifestError, NotFoundError
+from trustmesh.manifest import parse_object, to_document, validate_batch
+from trustmesh.resources import AccessPolicy, Agent, AgentBlueprint
+from trustmesh.spiffe_id import SpiffeId
+from trustmesh.v1 import registry_pb2 as rpb
+from trustmesh.v1 import resources_pb2 as pb
+from trustmesh_registry.store import OperatorState, Store
+
+__all__ = ["KINDS", "RegistryState", "Watcher"]
+
+log = logging.getLogger(__name__)
+
+Resource = Agent | AgentBlueprint | AccessPolicy
+KINDS = {"AgentBlueprint": AgentBlueprint, "Agent": Agent, "AccessPolicy": AccessPolicy}
+_ALIASES = {k.lower(): k for k in KINDS} | {
+    "agents": "Agent", "blueprint": "AgentBlueprint", "blueprints": "AgentBlueprint",
+    "agentblueprints": "AgentBlueprint", "policy": "AccessPolicy", "policies": "AccessPolicy",
+    "accesspolicies": "AccessPolicy",
+}
+
+
+def canonical_kind(kind: str) -> str:
+    found = _ALIASES.get(kind.lower())
+    if found is None:
+        raise ConfigError(f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    return found
+
+
+def kind_of(resource: Resource) -> str:
+    return type(resource).__name__
+
+
+class Watcher:
+    """One watch stream's queue. Dropped (and resynced by the sidecar) if it lags."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.queue: asyncio.Queue[rpb.SnapshotUpdate | None] = asyncio.Queue(limit)
+
+    def offer(self, update: rpb.SnapshotUpdate) -> bool:
+        try:
+            self.queue.put_nowait(update)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    applied: list[str]
+    revision: int
+
+
+class RegistryState:
+    def __init__(
+        self,
+        store: Store,
+        bundles: Callable[[], Iterable[pb.TrustBundle]],
+        *,
+        reserved_ids: Callable[[SpiffeId], bool] = lambda _id: False,
+        log_size: int = 4096,
+    ) -> None:
+        self._store = store
+        self._bundles = bundles
+        self._reserved = reserved_ids
+        self.epoch = uuid.uuid4().hex
+        self.revision = 0
+        self._log: collections.deque[rpb.SnapshotUpdate] = collections.deque(maxlen=log_size)
+        self._watchers: set[Watcher] = set()
+        self.blueprints: dict[str, AgentBlueprint] = {}
+        self.agents: dict[str, Agent] = {}
+        self.policies: dict[str, AccessPolicy] = {}
+        self.agents_by_id: dict[SpiffeId, str] = {}
+        self.endpoints: dict[tuple[str, str], pb.Endpoint] = {}
+        stored = store.load()
+        self.operator = dict(stored.operator)
+        for (kind, name), doc in stored.documents.items():
+            self._put(parse_object(doc, f"stored {kind}/{name}"))
+
+    # -- reads -------------------------------------------------------------------
+
+    def full_snapshot(self) -> rpb.SnapshotUpdate:
+        changes = [rpb.Change(put_bundle=b) for b in self._bundles()]
+        changes += [rpb.Change(put_blueprint=wire.blueprint_to_pb(b)) for b in self.blueprints.values()]
+        changes += [rpb.Change(put_agent=self._agent_pb(a)) for a in self.agents.values()]
+        changes += [rpb.Change(put_policy=wire.policy_to_pb(p)) for p in self.policies.values()]
+        changes += [rpb.Change(put_endpoint=e) for e in self.endpoints.values()]
+        return rpb.SnapshotUpdate(epoch=self.epoch, revision=self.revision, full=True, changes=changes)
+
+    def updates_since(self, epoch: str, revision: int) -> list[rpb.SnapshotUpdate] | None:
+        """The deltas after `revision`, or None when only a full snapshot will do."""
+        if epoch != self.epoch or revision > self.revision:
+            return None
+        if revision == self.revision:
+            return []
+        if not self._log or self._log[0].base_revision > revision:
+            return None
+        return [u for u in self._log if u.base_revision >= revision]
+
+    def find_agent(self, ref: str) -> Agent:
+        name = ref
+        if ref.startswith("spiffe://"):
+            found = self.agents_by_id.get(SpiffeId.parse(ref))
+            if found is None:
+                raise NotFoundError(f"no agent with SPIFFE ID {ref}")
+            name = found
+        agent = self.agents.get(name)
+        if agent is None:
+            raise NotFoundError(f"no agent named {ref!r}")
+        return agent
+
+    def documents(self, kind: str, name: str = "") -> list[dict[str, Any]]:
+        kind = canonical_kind(kind)
+        table: dict[str, Any] = {
+            "AgentBlueprint": self.blueprints, "Agent": self.agents, "AccessPolicy": self.policies,
+        }[kind]
+        if name and name not in table:
+            raise NotFoundError(f"{kind}/{name} not found")
+        out = []
+        for res in [table[name]] if name else table.values():
+            doc = to_document(res)
+            if isinstance(res, Agent):
+                op = self.operator.get(res.name, OperatorState(False))
+                doc["status"] = {
+                    "state": "Disabled" if op.disabled else "Active",
+                    "disabledReason": op.reason,
+                    "endpoints": sorted(
+                        e.address for (sid, _), e in self.endpoints.items() if sid == str(res.spiffe_id)
+                    ),
+                }
+            out.append(doc)
+        return out
+
+    # -- writes ------------------------------------------------------------------
+
+    def apply(self, documents: list[tuple[str, Any]], *, dry_run: bool = False) -> ApplyResult:
+        resources = [parse_object(obj, source) for source, obj in documents]
+        validate_batch(resources, set(self.blueprints))
+        for (source, _), res in zip(documents, resources, strict=True):
+            self._check_agent(source, res, resources)
+        applied: list[str] = []
+        puts: list[tuple[tuple[str, str], dict[str, Any]]] = []
+        for res in resources:
+            kind, doc = kind_of(res), to_document(res)
+            old = self._get(kind, res.name)
+            if old is None:
+                verb = "created"
+            elif to_document(old) == doc:
+                verb = "unchanged"
+            else:
+                verb = "configured"
+            applied.append(f"{kind}/{res.name} {verb}")
+            if verb != "unchanged":
+                puts.append(((kind, res.name), doc))
+        if dry_run or not puts:
+            return ApplyResult(applied, self.revision)
+        self._store.write_resources(puts, [])
+        changes: list[rpb.Change] = []
+        changed_blueprints: set[str] = set()
+        for res in resources:
+            if (kind_of(res), res.name) not in {k for k, _ in puts}:
+                continue
+            self._put(res)
+            if isinstance(res, AgentBlueprint):
+                changed_blueprints.add(res.name)
+                changes.append(rpb.Change(put_blueprint=wire.blueprint_to_pb(res)))
+            elif isinstance(res, Agent):
+                changes.append(rpb.Change(put_agent=self._agent_pb(res)))
+            else:
+                changes.append(rpb.Change(put_policy=wire.policy_to_pb(res)))
+        if changed_blueprints:  # effective attributes of their agents may have changed
+            changes += [
+                rpb.Change(put_agent=self._agent_pb(a))
+                for a in self.agents.values()
+                if a.blueprint in changed_blueprints
+            ]
+        return ApplyResult(applied, self._publish(changes))
+
+    def delete(self, kind: str, name: str) -> int:
+        kind = canonical_kind(kind)
+        res = self._get(kind, name)
+        if res is None:
+            raise NotFoundError(f"{kind}/{name} not found")
+        if isinstance(res, AgentBlueprint):
+            users = sorted(a.name for a in self.agents.values() if a.blueprint == name)
+            if users:
+                raise ConfigError(f"AgentBlueprint/{name} is used by agents: {', '.join(users[:10])}")
+        self._store.write_resources([], [(kind, name)])
+        if isinstance(res, Agent):
+            del self.agents[name]
+            self.agents_by_id.pop(res.spiffe_id, None)
+            change = rpb.Change(delete_agent=name)
+        elif isinstance(res, AgentBlueprint):
+            del self.blueprints[name]
+            change = rpb.Change(delete_blueprint=name)
+        else:
+            del self.policies[name]
+            change = rpb.Change(delete_policy=name)
+        return self._publish([change])
+
+    def set_agent_state(self, ref: str, *, disabled: bool, reason: str) -> int:
+        agent = self.find_agent(ref)
+        state = OperatorState(disabled, reason if disabled else "")
+        self._store.set_operator_state(agent.name, state)
+        self.operator[agent.name] = state
+        return self._publish([rpb.Change(put_agent=self._agent_pb(agent))])
+
+    def put_endpoint(self, endpoint: pb.Endpoint) -> None:
+        self.endpoints[(endpoint.spiffe_id, endpoint.instance_id)] = endpoint
+        self._publish([rpb.Change(put_endpoint=endpoint)])
+
+    def delete_endpoint(self, endpoint: pb.Endpoint) -> None:
+        if self.endpoints.pop((endpoint.spiffe_id, endpoint.instance_id), None) is not None:
+            self._publish([rpb.Change(delete_endpoint=endpoint)])
+
+    def bundles_changed(self) -> None:
+        self._publish([rpb.Change(put_bundle=b) for b in self._bundles()])
+
+    # -- watchers ------------------------------------------------------------------
+
+    def subscribe(self) -> Watcher:
+        watcher = Watcher()
+        self._watchers.add(watcher)
+        return watcher
+
+    def unsubscribe(self, watcher: Watcher) -> None:
+        self._watchers.discard(watcher)
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._watchers)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _publish(self, changes: list[rpb.Change]) -> int:
+        base = self.revision
+        self.revision += 1
+        update = rpb.SnapshotUpdate(
+            epoch=self.epoch, revision=self.revision, base_revision=base, changes=changes
+        )
+        self._log.append(update)
+        for watcher in list(self._watchers):
+            if not watcher.offer(update):
+                log.warning("dropping a watcher that fell behind; it will resync")
+                self._watchers.discard(watcher)
+                watcher.queue = asyncio.Queue(1)
+                watcher.queue.put_nowait(None)
+        return self.revision
+
+    def _get(self, kind: str, name: str) -> Resource | None:
+        if kind == "Agent":
+            return self.agents.get(name)
+        if kind == "AgentBlueprint":
+            return self.blueprints.get(name)
+        return self.policies.get(name)
+
+    def _put(self, res: Resource) -> None:
+        if isinstance(res, Agent):
+            old = self.agents.get(res.name)
+            if old is not None:
+                self.agents_by_id.pop(old.spiffe_id, None)
+            self.agents[res.name] = res
+            self.agents_by_id[res.spiffe_id] = res.name
+        elif isinstance(res, AgentBlueprint):
+            self.blueprints[res.name] = res
+        else:
+            self.policies[res.name] = res
+
+    def _check_agent(self, source: str, res: Resource, batch: list[Resource]) -> None:
+        if not isinstance(res, Agent):
+            return
+        if self._reserved(res.spiffe_id):
+            raise ManifestError(source, "spec.spiffeId", f"{res.spiffe_id} is reserved for TrustMesh itself")
+        owner = self.agents_by_id.get(res.spiffe_id)
+        if owner is not None and owner != res.name:
+            renamed = any(isinstance(o, Agent) and o.name == owner and o.spiffe_id != res.spiffe_id
+                          for o in batch)
+            if not renamed:
+                raise ManifestError(
+                    source, "spec.spiffeId", f"{res.spiffe_id} already belongs to Agent/{owner}"
+                )
+
+    def _agent_pb(self, agent: Agent) -> pb.Agent:
+        op = self.operator.get(agent.name, OperatorState(False))
+        return wire.agent_to_pb(
+            agent, self.blueprints.get(agent.blueprint), disabled=op.disabled, disabled_reason=op.reason
+        )

@@ -1,0 +1,73 @@
+"""Reserved metadata: what the sidecar accepts, drops and sets (pure functions).
+
+| direction              | keys kept                                                     |
+|------------------------|---------------------------------------------------------------|
+| from the agent         | trustmesh-target, trustmesh-delegation-bin, trustmesh-user-token |
+| from a peer            | trustmesh-delegation-bin                                      |
+| set for the app        | trustmesh-caller (+ delegation keys once verified)            |
+
+Every other `trustmesh-*` key, in any letter case, is dropped, and so are the HTTP/2
+and gRPC transport headers that grpc sets itself. The delegation keys are kept only
+where a verifier has checked them; until delegation chains are verified they are
+dropped too (fail closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from trustmesh_sidecar.engine import Header, Headers
+
+__all__ = [
+    "CALLER",
+    "TARGET",
+    "USER_TOKEN",
+    "for_app",
+    "for_peer",
+    "strip_reserved",
+    "value_of",
+]
+
+PREFIX = "trustmesh-"
+TARGET = "trustmesh-target"
+CALLER = "trustmesh-caller"
+DELEGATION = "trustmesh-delegation-bin"
+USER_TOKEN = "trustmesh-user-token"
+
+# Set by grpc itself; forwarding them as metadata would be rejected or wrong.
+_TRANSPORT = frozenset(
+    {
+        "content-type", "te", "user-agent", "host", "grpc-timeout", "grpc-encoding",
+        "grpc-accept-encoding", "grpc-status", "grpc-message", "grpc-status-details-bin",
+        "grpc-previous-rpc-attempts", "grpc-retry-pushback-ms", "grpc-tags-bin",
+        "grpc-trace-bin", "accept-encoding", "content-length",
+    }
+)
+
+
+def _is_transport(key: str) -> bool:
+    return key.startswith(":") or key in _TRANSPORT
+
+
+def value_of(headers: Iterable[Header], key: str) -> str | bytes | None:
+    for k, v in headers:
+        if k.lower() == key:
+            return v
+    return None
+
+
+def strip_reserved(headers: Iterable[Header]) -> list[Header]:
+    """Drop every trustmesh-* key (any case) and transport headers."""
+    return [(k, v) for k, v in headers if not k.lower().startswith(PREFIX) and not _is_transport(k.lower())]
+
+
+def for_peer(agent_headers: Headers) -> list[Header]:
+    """Headers from the agent, as sent on to the callee's sidecar."""
+    return strip_reserved(agent_headers)
+
+
+def for_app(peer_headers: Headers, caller: str) -> list[Header]:
+    """Headers from a peer, as handed to the local app."""
+    out = strip_reserved(peer_headers)
+    out.append((CALLER, caller))
+    return out

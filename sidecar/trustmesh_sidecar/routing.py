@@ -1,0 +1,265 @@
+"""Per-call decisions of the sidecar, above the engine seam (no grpc here).
+
+`OutboundRouter` serves the local agent: it resolves `trustmesh-target` from the
+snapshot and forwards to one of the target's live instances over mTLS, expecting the
+target's exact SPIFFE ID. `InboundRouter` serves peers: it takes the caller's ID from
+the verified chain (against the bundle of that ID's own trust domain), authorizes
+the call, and forwards to the app with `trustmesh-caller` set.
+
+Both emit one span per call, allowed or denied, and one audit record per decision.
+Open inbound calls are kept so that a revocation ends streams already open.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from trustmesh.authz import authorize, resolve_target
+from trustmesh.decision import Decision, Reason
+from trustmesh.errors import Code, PeerAuthenticationError, format_details, parse_details
+from trustmesh.limits import DEFAULT_LIMITS, Limits
+from trustmesh.spiffe_id import SpiffeId
+from trustmesh.telemetry import ATTR, extract_context, inject_context, split_method
+from trustmesh_sidecar import headers as hdr
+from trustmesh_sidecar.engine import (
+    CallControl,
+    CallStart,
+    Forward,
+    Headers,
+    Reject,
+    Upstream,
+)
+from trustmesh_sidecar.state import SidecarState
+
+__all__ = ["InboundRouter", "OutboundRouter"]
+
+audit = logging.getLogger("trustmesh.audit")
+
+_METHOD = re.compile(r"^/[A-Za-z_][\w.]*/[A-Za-z_]\w*$")
+
+
+def _audit(side: str, caller: str, callee: str, method: str, decision: Decision) -> None:
+    if audit.isEnabledFor(logging.INFO):
+        audit.info(
+            json.dumps(
+                {
+                    "side": side,
+                    "caller": caller,
+                    "callee": callee,
+                    "method": method,
+                    "decision": "allow" if decision.allowed else "deny",
+                    "reason": decision.reason.value,
+                    "policy": decision.policy,
+                    "message": decision.message,
+                },
+                separators=(",", ":"),
+            )
+        )
+
+
+class _SpanObserver:
+    """Ends the call's span with the final status; frees the in-flight slot."""
+
+    __slots__ = ("_done", "_on_end", "_span")
+
+    def __init__(self, span: trace.Span, on_end: Callable[[], None] | None = None) -> None:
+        self._span = span
+        self._on_end = on_end
+        self._done = False
+
+    def response_headers(self, headers: Headers) -> Headers:
+        return tuple(hdr.strip_reserved(headers))
+
+    def finished(self, code: Code, details: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        span = self._span
+        span.set_attribute(ATTR.RPC_STATUS, code.value)
+        parsed = parse_details(details) if code is not Code.OK else None
+        if parsed is not None:
+            # A TrustMesh denial further along (or a revocation): record its reason.
+            span.set_attribute(ATTR.DECISION, "deny")
+            span.set_attribute(ATTR.REASON, parsed[0])
+        if code is not Code.OK:
+            span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"[:256]))
+        span.end()
+        if self._on_end is not None:
+            self._on_end()
+
+
+def _start_span(
+    tracer: trace.Tracer, kind: SpanKind, call: CallStart, side: str
+) -> trace.Span:
+    service, method = split_method(call.method)
+    return tracer.start_span(
+        call.method.lstrip("/") or "unknown",
+        kind=kind,
+        context=extract_context(call.headers),
+        attributes={
+            ATTR.RPC_SYSTEM: "grpc",
+            ATTR.RPC_SERVICE: service,
+            ATTR.RPC_METHOD: method,
+            ATTR.PEER_ADDRESS: call.peer_address,
+            ATTR.SIDE: side,
+        },
+    )
+
+
+def _deny(span: trace.Span, decision: Decision, state: SidecarState) -> Reject:
+    state.counters.denied += 1
+    span.set_attribute(ATTR.DECISION, "deny")
+    span.set_attribute(ATTR.REASON, decision.reason.value)
+    details = format_details(decision.reason.value, decision.message)
+    span.set_attribute(ATTR.RPC_STATUS, decision.code.value)
+    span.set_status(Status(StatusCode.ERROR, details[:256]))
+    span.end()
+    return Reject(decision.code, details)
+
+
+@dataclass
+class _Open:
+    caller: SpiffeId
+    method: str
+    control: CallControl
+    span: trace.Span
+
+
+class InboundRouter:
+    def __init__(
+        self,
+        state: SidecarState,
+        app_address: str,
+        tracer: trace.Tracer,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self._state = state
+        self._app = Upstream(app_address, None)
+        self._tracer = tracer
+        self._limits = limits
+        self._open: dict[int, _Open] = {}
+        self._ids = itertools.count()
+        state.on_snapshot(self.revalidate)
+
+    def route(self, call: CallStart, control: CallControl) -> Forward | Reject:
+        state = self._state
+        span = _start_span(self._tracer, SpanKind.SERVER, call, "inbound")
+        me = str(state.spiffe_id)
+        span.set_attribute(ATTR.CALLEE, me)
+        now = state.now()
+        try:
+            caller = state.verifier.verify(call.peer_chain, now=now, role="client")
+        except PeerAuthenticationError as e:
+            reason = Reason(e.reason) if e.reason in Reason._value2member_map_ else Reason.PEER_UNAUTHENTICATED
+            decision = Decision.deny(reason, e.message)
+            _audit("inbound", "", me, call.method, decision)
+            return _deny(span, decision, state)
+        span.set_attribute(ATTR.CALLER, str(caller))
+        decision = self._decide(caller, call.method)
+        _audit("inbound", str(caller), me, call.method, decision)
+        if not decision.allowed:
+            return _deny(span, decision, state)
+        state.counters.allowed += 1
+        span.set_attribute(ATTR.DECISION, "allow")
+        span.set_attribute(ATTR.REASON, decision.reason.value)
+        if decision.policy:
+            span.set_attribute(ATTR.POLICY, decision.policy)
+        key = next(self._ids)
+        self._open[key] = _Open(caller, call.method, control, span)
+        headers = inject_context(hdr.for_app(call.headers, str(caller)), span)
+        observer = _SpanObserver(span, lambda: self._open.pop(key, None))
+        return Forward(self._app, tuple(headers), observer)
+
+    def _decide(self, caller: SpiffeId, method: str) -> Decision:
+        state = self._state
+        if not _METHOD.match(method):
+            return Decision.deny(Reason.BAD_METHOD, f"malformed method path {method[:128]!r}")
+        if not state.synced:
+            return Decision.deny(Reason.NO_SNAPSHOT, "the sidecar has no registry snapshot yet")
+        if len(self._open) >= self._limits.max_inflight_calls:
+            return Decision.deny(
+                Reason.LIMIT_EXCEEDED,
+                f"more than {self._limits.max_inflight_calls} calls in flight",
+            )
+        return authorize(caller, state.spiffe_id, method, state.snapshot, now=state.now())
+
+    def revalidate(self) -> None:
+        """Re-decide every open call against the new snapshot; end the denied ones."""
+        if not self._open:
+            return
+        state = self._state
+        now = state.now()
+        for key, entry in list(self._open.items()):
+            decision = authorize(entry.caller, state.spiffe_id, entry.method, state.snapshot, now=now)
+            if not decision.allowed:
+                _audit("inbound", str(entry.caller), str(state.spiffe_id), entry.method, decision)
+                state.counters.denied += 1
+                self._open.pop(key, None)
+                entry.control.abort(
+                    decision.code, format_details(decision.reason.value, decision.message)
+                )
+
+    @property
+    def open_calls(self) -> int:
+        return len(self._open)
+
+
+class OutboundRouter:
+    def __init__(
+        self,
+        state: SidecarState,
+        tracer: trace.Tracer,
+        explain: Callable[[Upstream], tuple[Code, str] | None],
+    ) -> None:
+        self._state = state
+        self._tracer = tracer
+        self._explain = explain
+        self._rr = itertools.count()
+
+    def route(self, call: CallStart, control: CallControl) -> Forward | Reject:
+        state = self._state
+        span = _start_span(self._tracer, SpanKind.CLIENT, call, "outbound")
+        me = str(state.spiffe_id)
+        span.set_attribute(ATTR.CALLER, me)
+        target = hdr.value_of(call.headers, hdr.TARGET)
+        decision: Decision | None = None
+        if not isinstance(target, str) or not target:
+            decision = Decision.deny(Reason.MISSING_TARGET, f"set the {hdr.TARGET} metadata")
+        elif not _METHOD.match(call.method):
+            decision = Decision.deny(Reason.BAD_METHOD, f"malformed method path {call.method[:128]!r}")
+        elif not state.synced:
+            decision = Decision.deny(Reason.NO_SNAPSHOT, "the sidecar has no registry snapshot yet")
+        if decision is not None:
+            _audit("outbound", me, str(target or ""), call.method, decision)
+            return _deny(span, decision, state)
+        assert isinstance(target, str)
+        span.set_attribute(ATTR.TARGET, target[:256])
+        resolved = resolve_target(target, state.snapshot, now=state.now())
+        if isinstance(resolved, Decision):
+            _audit("outbound", me, target, call.method, resolved)
+            return _deny(span, resolved, state)
+        endpoints = resolved.endpoints
+        callee = resolved.agent.spiffe_id
+        span.set_attribute(ATTR.CALLEE, str(callee))
+        endpoint = endpoints[next(self._rr) % len(endpoints)]
+        upstream = Upstream(endpoint.address, callee)
+        span.set_attribute(ATTR.DECISION, "allow")
+        span.set_attribute(ATTR.REASON, Reason.ALLOWED.value)
+        span.set_attribute("server.address", endpoint.address)
+        state.counters.allowed += 1
+        headers = inject_context(hdr.for_peer(call.headers), span)
+        return Forward(
+            upstream,
+            tuple(headers),
+            _SpanObserver(span),
+            explain_unavailable=lambda: self._explain(upstream),
+        )

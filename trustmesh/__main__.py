@@ -1,0 +1,3 @@
+from trustmesh.cli.main import entrypoint
+
+entrypoint()

@@ -1,0 +1,316 @@
+"""The sidecar's in-memory view of the registry, kept current by `SnapshotUpdate`s.
+
+Invariants:
+* A delta applies only on top of the exact state it was computed from (same epoch,
+  `base_revision == revision`) and only after a full snapshot; otherwise `apply`
+  returns False and the caller resyncs. A full snapshot replaces everything.
+* An update is decoded and validated completely before anything changes: a
+  malformed record raises `InvalidSnapshotError` and leaves the snapshot as it was.
+* Every index is maintained incrementally: applying a change costs O(size of the
+  change), and every read is a dict lookup. Nothing here iterates over all agents
+  or all policies after an update has been applied.
+* `generation` grows by one on every successful apply; caches key on it.
+
+Not thread-safe: one owner applies updates and serves reads (e.g. one event loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from trustmesh.errors import InvalidSpiffeIdError, PeerError
+from trustmesh.resources import (
+    AccessPolicy,
+    AgentBlueprint,
+    AgentView,
+    Attributes,
+    InvalidResourceError,
+    Selector,
+    SelectorKind,
+)
+from trustmesh.spiffe_id import SpiffeId, TrustDomain
+from trustmesh.v1 import registry_pb2
+from trustmesh.v1 import resources_pb2 as pb
+from trustmesh.wire import agent_from_pb, blueprint_from_pb, policy_from_pb
+
+__all__ = ["InvalidSnapshotError", "Snapshot"]
+
+
+class InvalidSnapshotError(PeerError):
+    """The registry sent a record that does not validate; the snapshot is unchanged."""
+
+    reason = "invalid_snapshot"
+
+
+class _SelectorIndex:
+    """Policy names by the selectors on one side (callers or callees) of each policy.
+
+    SPIFFE ID, name and blueprint selectors are filed under (kind, value). An
+    attribute selector is filed under one of its (key, value) pairs, the first in
+    sorted order; its other pairs are checked on lookup.
+    """
+
+    __slots__ = ("by_attr", "by_value")
+
+    def __init__(self) -> None:
+        self.by_value: dict[tuple[SelectorKind, SpiffeId | str], set[str]] = {}
+        self.by_attr: dict[tuple[str, str], dict[str, set[Attributes]]] = {}
+
+    def add(self, policy: str, selectors: Iterable[Selector]) -> None:
+        for s in selectors:
+            if isinstance(s.value, Attributes):
+                anchor = min(s.value.items())
+                self.by_attr.setdefault(anchor, {}).setdefault(policy, set()).add(s.value)
+            else:
+                self.by_value.setdefault((s.kind, s.value), set()).add(policy)
+
+    def remove(self, policy: str, selectors: Iterable[Selector]) -> None:
+        for s in selectors:
+            if isinstance(s.value, Attributes):
+                anchor = min(s.value.items())
+                filed = self.by_attr.get(anchor)
+                if filed is not None:
+                    filed.pop(policy, None)
+                    if not filed:
+                        del self.by_attr[anchor]
+            else:
+                key = (s.kind, s.value)
+                names = self.by_value.get(key)
+                if names is not None:
+                    names.discard(policy)
+                    if not names:
+                        del self.by_value[key]
+
+    def lookup(self, agent: AgentView) -> set[str]:
+        """Names of the policies with a selector on this side that matches `agent`."""
+        found: set[str] = set()
+        found.update(self.by_value.get((SelectorKind.SPIFFE_ID, agent.spiffe_id), ()))
+        found.update(self.by_value.get((SelectorKind.NAME, agent.name), ()))
+        found.update(self.by_value.get((SelectorKind.BLUEPRINT, agent.blueprint), ()))
+        attrs = agent.attributes
+        for pair in attrs.items():
+            for policy, matches in self.by_attr.get(pair, {}).items():
+                if policy not in found and any(m.within(attrs) for m in matches):
+                    found.add(policy)
+        return found
+
+
+class _State:
+    """The records and their indexes; `Snapshot` swaps in a fresh one on a full update."""
+
+    def __init__(self) -> None:
+        self.agents_by_name: dict[str, AgentView] = {}
+        self.agents_by_id: dict[SpiffeId, AgentView] = {}
+        self.blueprints: dict[str, AgentBlueprint] = {}
+        self.policies: dict[str, AccessPolicy] = {}
+        self.endpoints: dict[SpiffeId, dict[str, pb.Endpoint]] = {}
+        self.endpoint_count = 0
+        self.bundles: dict[str, tuple[bytes, ...]] = {}
+        self.callers = _SelectorIndex()
+        self.callees = _SelectorIndex()
+
+    def put_agent(self, agent: AgentView) -> None:
+        self.delete_agent(agent.name)
+        self.agents_by_name[agent.name] = agent
+        self.agents_by_id[agent.spiffe_id] = agent
+
+    def delete_agent(self, name: str) -> None:
+        old = self.agents_by_name.pop(name, None)
+        # Only drop the ID entry if it is still this agent's (another may have taken it).
+        if old is not None and self.agents_by_id.get(old.spiffe_id) is old:
+            del self.agents_by_id[old.spiffe_id]
+
+    def put_blueprint(self, blueprint: AgentBlueprint) -> None:
+        self.blueprints[blueprint.name] = blueprint
+
+    def delete_blueprint(self, name: str) -> None:
+        self.blueprints.pop(name, None)
+
+    def put_policy(self, policy: AccessPolicy) -> None:
+        self.delete_policy(policy.name)
+        self.policies[policy.name] = policy
+        self.callers.add(policy.name, policy.callers)
+        self.callees.add(policy.name, policy.callees)
+
+    def delete_policy(self, name: str) -> None:
+        old = self.policies.pop(name, None)
+        if old is not None:
+            self.callers.remove(name, old.callers)
+            self.callees.remove(name, old.callees)
+
+    def put_endpoint(self, spiffe_id: SpiffeId, endpoint: pb.Endpoint) -> None:
+        instances = self.endpoints.setdefault(spiffe_id, {})
+        if endpoint.instance_id not in instances:
+            self.endpoint_count += 1
+        instances[endpoint.instance_id] = endpoint
+
+    def delete_endpoint(self, spiffe_id: SpiffeId, instance_id: str) -> None:
+        instances = self.endpoints.get(spiffe_id)
+        if instances is not None and instances.pop(instance_id, None) is not None:
+            self.endpoint_count -= 1
+            if not instances:
+                del self.endpoints[spiffe_id]
+
+    def put_bundle(self, trust_domain: str, authorities: tuple[bytes, ...]) -> None:
+        self.bundles[trust_domain] = authorities
+
+
+_Op = Callable[[_State], None]
+
+
+def _endpoint(msg: pb.Endpoint) -> tuple[SpiffeId, pb.Endpoint]:
+    if not msg.instance_id:
+        raise InvalidResourceError("instance_id", "must not be empty")
+    copy = pb.Endpoint()
+    copy.CopyFrom(msg)  # our own copy: the caller's message may be reused
+    return SpiffeId.parse(msg.spiffe_id), copy
+
+
+def _decode(change: registry_pb2.Change) -> _Op:
+    """Validate one change and return the step that applies it."""
+    which = change.WhichOneof("change")
+    if which == "put_agent":
+        agent = agent_from_pb(change.put_agent)
+        return lambda st: st.put_agent(agent)
+    if which == "delete_agent":
+        name = change.delete_agent
+        return lambda st: st.delete_agent(name)
+    if which == "put_blueprint":
+        blueprint = blueprint_from_pb(change.put_blueprint)
+        return lambda st: st.put_blueprint(blueprint)
+    if which == "delete_blueprint":
+        bp_name = change.delete_blueprint
+        return lambda st: st.delete_blueprint(bp_name)
+    if which == "put_policy":
+        policy = policy_from_pb(change.put_policy)
+        return lambda st: st.put_policy(policy)
+    if which == "delete_policy":
+        policy_name = change.delete_policy
+        return lambda st: st.delete_policy(policy_name)
+    if which == "put_endpoint":
+        ep_id, endpoint = _endpoint(change.put_endpoint)
+        return lambda st: st.put_endpoint(ep_id, endpoint)
+    if which == "delete_endpoint":
+        del_id = SpiffeId.parse(change.delete_endpoint.spiffe_id)
+        instance = change.delete_endpoint.instance_id
+        return lambda st: st.delete_endpoint(del_id, instance)
+    if which == "put_bundle":
+        td = TrustDomain.parse(change.put_bundle.trust_domain).name
+        authorities = tuple(change.put_bundle.x509_authorities)
+        return lambda st: st.put_bundle(td, authorities)
+    raise InvalidResourceError("change", "no change field is set")
+
+
+def _decode_all(update: registry_pb2.SnapshotUpdate) -> list[_Op]:
+    ops: list[_Op] = []
+    for i, change in enumerate(update.changes):
+        try:
+            ops.append(_decode(change))
+        except (InvalidResourceError, InvalidSpiffeIdError) as e:
+            raise InvalidSnapshotError(
+                f"the registry sent an invalid change #{i + 1} "
+                f"({change.WhichOneof('change')}) at revision {update.revision}: {e.message}"
+            ) from e
+    return ops
+
+
+class Snapshot:
+    """Agents, blueprints, policies, endpoints and bundles, with O(1) lookups."""
+
+    def __init__(self) -> None:
+        self._state = _State()
+        self._epoch = ""
+        self._revision = 0
+        self._generation = 0
+        self._ready = False
+
+    # -- updates ------------------------------------------------------------------
+
+    def apply(self, update: registry_pb2.SnapshotUpdate) -> bool:
+        """Apply a full snapshot or a delta; False when a delta doesn't fit (resync).
+
+        Raises `InvalidSnapshotError` for a malformed record, changing nothing.
+        """
+        if update.full:
+            ops = _decode_all(update)
+            fresh = _State()
+            for op in ops:
+                op(fresh)
+            self._state = fresh
+            self._epoch = update.epoch
+            self._ready = True
+        else:
+            if (
+                not self._ready
+                or update.epoch != self._epoch
+                or update.base_revision != self._revision
+                or update.revision < update.base_revision
+            ):
+                return False
+            for op in _decode_all(update):
+                op(self._state)
+        self._revision = update.revision
+        self._generation += 1
+        return True
+
+    # -- reads --------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True once a full snapshot has been applied."""
+        return self._ready
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def agent_by_id(self, spiffe_id: SpiffeId) -> AgentView | None:
+        return self._state.agents_by_id.get(spiffe_id)
+
+    def agent_by_name(self, name: str) -> AgentView | None:
+        return self._state.agents_by_name.get(name)
+
+    def blueprint(self, name: str) -> AgentBlueprint | None:
+        return self._state.blueprints.get(name)
+
+    def policy(self, name: str) -> AccessPolicy | None:
+        return self._state.policies.get(name)
+
+    def endpoints(self, spiffe_id: SpiffeId) -> tuple[pb.Endpoint, ...]:
+        """The live instances of an agent; treat the messages as read-only."""
+        instances = self._state.endpoints.get(spiffe_id)
+        return tuple(instances.values()) if instances else ()
+
+    def bundles(self) -> dict[str, tuple[bytes, ...]]:
+        """Trust domain name -> DER X.509 authorities."""
+        return dict(self._state.bundles)
+
+    def counts(self) -> dict[str, int]:
+        st = self._state
+        return {
+            "agents": len(st.agents_by_name),
+            "blueprints": len(st.blueprints),
+            "policies": len(st.policies),
+            "endpoints": st.endpoint_count,
+            "bundles": len(st.bundles),
+        }
+
+    def candidate_policies(self, caller: AgentView, callee: AgentView) -> list[AccessPolicy]:
+        """Policies with a caller selector matching `caller` and a callee selector
+        matching `callee`, by name. Costs O(policies naming either agent), found
+        through the selector indexes; methods are not checked here.
+        """
+        st = self._state
+        callers = st.callers.lookup(caller)
+        if not callers:
+            return []
+        names = callers & st.callees.lookup(callee)
+        return [st.policies[n] for n in sorted(names)]

@@ -1,0 +1,158 @@
+"""Resources to protobuf (`trustmesh.v1.resources_pb2`) and back.
+
+The registry turns resources into messages (`*_to_pb`); the sidecar turns them back
+(`*_from_pb`) through the same validating constructors, so that a malformed record
+raises `InvalidResourceError` / `InvalidSpiffeIdError` instead of entering a snapshot.
+
+On the wire an agent carries its *effective* attributes (blueprint defaults overlaid
+by its own), `expires_at` in Unix seconds with 0 for "never", and its operator state.
+A state other than ACTIVE (including an unset one) reads as disabled: fail closed.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+from trustmesh.resources import (
+    EMPTY_ATTRIBUTES,
+    AccessPolicy,
+    Agent,
+    AgentBlueprint,
+    AgentState,
+    AgentView,
+    Attributes,
+    InvalidResourceError,
+    MethodPattern,
+    Selector,
+    SelectorKind,
+)
+from trustmesh.spiffe_id import SpiffeId
+from trustmesh.v1 import resources_pb2 as pb
+
+__all__ = [
+    "agent_from_pb",
+    "agent_to_pb",
+    "blueprint_from_pb",
+    "blueprint_to_pb",
+    "expires_to_pb",
+    "policy_from_pb",
+    "policy_to_pb",
+    "selector_from_pb",
+    "selector_to_pb",
+]
+
+
+def expires_to_pb(expires_at: datetime | None) -> int:
+    """Unix seconds, rounded down (an expiry never moves later); 0 for "never"."""
+    return 0 if expires_at is None else math.floor(expires_at.timestamp())
+
+
+def _expires_from_pb(seconds: int) -> datetime | None:
+    if seconds == 0:
+        return None
+    try:
+        if seconds < 0:
+            raise ValueError("negative")
+        return datetime.fromtimestamp(seconds, tz=UTC)
+    except (ValueError, OverflowError, OSError) as e:
+        raise InvalidResourceError("expires_at", f"{seconds} is not a valid time") from e
+
+
+def agent_to_pb(
+    agent: Agent, blueprint: AgentBlueprint | None, *, disabled: bool, disabled_reason: str
+) -> pb.Agent:
+    """The published record: effective attributes and operator state included."""
+    defaults = blueprint.default_attributes if blueprint is not None else EMPTY_ATTRIBUTES
+    return pb.Agent(
+        name=agent.name,
+        spiffe_id=str(agent.spiffe_id),
+        blueprint=agent.blueprint,
+        sponsor=agent.sponsor,
+        owners=list(agent.owners),
+        attributes=defaults.overlay(agent.attributes).to_dict(),
+        expires_at=expires_to_pb(agent.expires_at),
+        state=pb.AGENT_STATE_DISABLED if disabled else pb.AGENT_STATE_ACTIVE,
+        disabled_reason=disabled_reason if disabled else "",
+    )
+
+
+def agent_from_pb(msg: pb.Agent) -> AgentView:
+    if msg.state == pb.AGENT_STATE_ACTIVE:
+        state, reason = AgentState.ACTIVE, ""
+    else:
+        state = AgentState.DISABLED
+        reason = msg.disabled_reason or (
+            "" if msg.state == pb.AGENT_STATE_DISABLED else "the registry sent no state"
+        )
+    return AgentView(
+        name=msg.name,
+        spiffe_id=SpiffeId.parse(msg.spiffe_id),
+        blueprint=msg.blueprint,
+        sponsor=msg.sponsor,
+        owners=tuple(msg.owners),
+        attributes=Attributes(dict(msg.attributes)),
+        expires_at=_expires_from_pb(msg.expires_at),
+        state=state,
+        disabled_reason=reason,
+    )
+
+
+def blueprint_to_pb(blueprint: AgentBlueprint) -> pb.AgentBlueprint:
+    return pb.AgentBlueprint(
+        name=blueprint.name,
+        description=blueprint.description,
+        default_attributes=blueprint.default_attributes.to_dict(),
+        allowed_methods=[str(m) for m in blueprint.allowed_methods],
+    )
+
+
+def blueprint_from_pb(msg: pb.AgentBlueprint) -> AgentBlueprint:
+    return AgentBlueprint(
+        name=msg.name,
+        allowed_methods=tuple(MethodPattern.parse(m) for m in msg.allowed_methods),
+        description=msg.description,
+        default_attributes=Attributes(dict(msg.default_attributes)),
+    )
+
+
+def selector_to_pb(selector: Selector) -> pb.Selector:
+    value = selector.value
+    if isinstance(value, Attributes):
+        return pb.Selector(attributes=pb.AttributeMatch(match=value.to_dict()))
+    if isinstance(value, SpiffeId):
+        return pb.Selector(spiffe_id=str(value))
+    if selector.kind is SelectorKind.NAME:
+        return pb.Selector(name=value)
+    return pb.Selector(blueprint=value)
+
+
+def selector_from_pb(msg: pb.Selector) -> Selector:
+    which = msg.WhichOneof("by")
+    if which == "spiffe_id":
+        return Selector(SelectorKind.SPIFFE_ID, SpiffeId.parse(msg.spiffe_id))
+    if which == "name":
+        return Selector(SelectorKind.NAME, msg.name)
+    if which == "blueprint":
+        return Selector(SelectorKind.BLUEPRINT, msg.blueprint)
+    if which == "attributes":
+        return Selector(SelectorKind.ATTRIBUTES, Attributes(dict(msg.attributes.match)))
+    raise InvalidResourceError("selector", "no selector field is set")
+
+
+def policy_to_pb(policy: AccessPolicy) -> pb.AccessPolicy:
+    return pb.AccessPolicy(
+        name=policy.name,
+        callers=[selector_to_pb(s) for s in policy.callers],
+        callees=[selector_to_pb(s) for s in policy.callees],
+        methods=[str(m) for m in policy.methods],
+    )
+
+
+def policy_from_pb(msg: pb.AccessPolicy) -> AccessPolicy:
+    return AccessPolicy(
+        name=msg.name,
+        callers=tuple(selector_from_pb(s) for s in msg.callers),
+        callees=tuple(selector_from_pb(s) for s in msg.callees),
+        methods=tuple(MethodPattern.parse(m) for m in msg.methods),
+    )
