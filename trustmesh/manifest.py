@@ -13,11 +13,13 @@ Python object is built from it).
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import NoReturn, TypeVar
 
 import yaml
@@ -39,7 +41,15 @@ from trustmesh.resources import (
 )
 from trustmesh.spiffe_id import SpiffeId
 
-__all__ = ["parse_documents", "parse_object", "parse_sourced", "to_document", "validate_batch"]
+__all__ = [
+    "Sourced",
+    "parse_documents",
+    "parse_json",
+    "parse_object",
+    "parse_sourced",
+    "to_document",
+    "validate_batch",
+]
 
 _T = TypeVar("_T")
 _RFC3339_RE = re.compile(
@@ -91,6 +101,9 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 def parse_sourced(text: str, source: str, limits: Limits = DEFAULT_LIMITS) -> list[Sourced]:
     """Each non-empty document of a multi-document YAML text, with its `file#index`."""
+    cap = limits.max_document_bytes * limits.max_apply_documents
+    if len(text) > cap:  # characters: a lower bound on bytes, and cheap
+        raise ManifestError(source, "", f"over the {cap}-byte limit for one file")
     out: list[Sourced] = []
     loader = _StrictLoader(text)
     index = 0
@@ -127,6 +140,32 @@ def parse_sourced(text: str, source: str, limits: Limits = DEFAULT_LIMITS) -> li
 def parse_documents(text: str, source: str) -> list[Resource]:
     """The resources of a multi-document YAML text; empty documents are skipped."""
     return [s.resource for s in parse_sourced(text, source)]
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_json(text: str, source: str, limits: Limits = DEFAULT_LIMITS) -> Resource:
+    """One resource sent as JSON (`ManifestDocument.json`), with the same checks as YAML."""
+    size = len(text.encode())
+    if size > limits.max_document_bytes:
+        limit = limits.max_document_bytes
+        raise ManifestError(source, "", f"document is {size} bytes, over the {limit} limit")
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_pairs)
+    except json.JSONDecodeError as e:
+        raise ManifestError(
+            source, "", f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from e
+    except (ValueError, RecursionError) as e:
+        raise ManifestError(source, "", f"malformed JSON: {e}") from e
+    return parse_object(obj, source)
 
 
 class _Doc:
@@ -219,7 +258,7 @@ class _Doc:
         if len(m) != 1:
             got = ", ".join(sorted(m)) or "none"
             self.fail(field, f"a selector needs exactly one of {', '.join(keys)} (got {got})")
-        (key, raw), = m.items()
+        ((key, raw),) = m.items()
         kind = SelectorKind(key)
         sub = _join(field, key)
         if kind is SelectorKind.ATTRIBUTES:
@@ -271,18 +310,23 @@ def parse_object(obj: object, source: str) -> Resource:
     name = doc.string(meta["name"], "metadata.name")
     required, optional = _SPEC_FIELDS[kind]
     spec = doc.mapping(top["spec"], "spec", required, optional)
+    # Each field is checked (and named) on its own first; the constructor then checks
+    # what involves the whole resource.
     if kind is Kind.AGENT_BLUEPRINT:
-        defaults = spec.get("defaultAttributes", {})
-        return doc.build("", lambda: AgentBlueprint(
+        make: Callable[[], Resource] = partial(
+            AgentBlueprint,
             name=name,
             allowed_methods=doc.methods(spec["allowedMethods"], "spec.allowedMethods"),
             description=doc.string(spec.get("description", ""), "spec.description"),
-            default_attributes=doc.attributes(defaults, "spec.defaultAttributes"),
-        ))
-    if kind is Kind.AGENT:
+            default_attributes=doc.attributes(
+                spec.get("defaultAttributes", {}), "spec.defaultAttributes"
+            ),
+        )
+    elif kind is Kind.AGENT:
         raw_id = doc.string(spec["spiffeId"], "spec.spiffeId")
         expires = spec.get("expiresAt")
-        return doc.build("", lambda: Agent(
+        make = partial(
+            Agent,
             name=name,
             spiffe_id=doc.build("spec.spiffeId", lambda: SpiffeId.parse(raw_id)),
             blueprint=doc.string(spec["blueprint"], "spec.blueprint"),
@@ -290,13 +334,16 @@ def parse_object(obj: object, source: str) -> Resource:
             owners=doc.strings(spec.get("owners", []), "spec.owners"),
             attributes=doc.attributes(spec.get("attributes", {}), "spec.attributes"),
             expires_at=None if expires is None else doc.expiry(expires, "spec.expiresAt"),
-        ))
-    return doc.build("", lambda: AccessPolicy(
-        name=name,
-        callers=doc.selectors(spec["callers"], "spec.callers"),
-        callees=doc.selectors(spec["callees"], "spec.callees"),
-        methods=doc.methods(spec["methods"], "spec.methods"),
-    ))
+        )
+    else:
+        make = partial(
+            AccessPolicy,
+            name=name,
+            callers=doc.selectors(spec["callers"], "spec.callers"),
+            callees=doc.selectors(spec["callees"], "spec.callees"),
+            methods=doc.methods(spec["methods"], "spec.methods"),
+        )
+    return doc.build("", make)
 
 
 def _selector_doc(s: Selector) -> dict[str, object]:
@@ -362,8 +409,7 @@ def validate_batch(
             "apply", "", f"{len(resources)} documents, over the {limits.max_apply_documents} limit"
         )
     seen: dict[tuple[Kind, str], str] = {}
-    blueprints = set(existing_blueprints)
-    blueprints.update(r.name for r in resources if isinstance(r, AgentBlueprint))
+    batch_blueprints = {r.name for r in resources if isinstance(r, AgentBlueprint)}
     ids: dict[SpiffeId, tuple[str, str]] = {}
     for source, r in zip(names, resources, strict=True):
         key = (r.kind, r.name)
@@ -374,7 +420,7 @@ def validate_batch(
         seen[key] = source
         if not isinstance(r, Agent):
             continue
-        if r.blueprint not in blueprints:
+        if r.blueprint not in batch_blueprints and r.blueprint not in existing_blueprints:
             raise ManifestError(
                 source,
                 "spec.blueprint",
@@ -389,4 +435,3 @@ def validate_batch(
                 f"'{r.spiffe_id}' is also the SPIFFE ID of Agent {other!r} ({other_source})",
             )
         ids[r.spiffe_id] = (r.name, source)
-

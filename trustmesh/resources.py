@@ -200,9 +200,7 @@ class MethodPattern:
         if self.method is not None:
             return method == f"/{self.service}/{self.method}"
         prefix = f"/{self.service}/"
-        return method.startswith(prefix) and bool(
-            _METHOD_NAME_RE.fullmatch(method, len(prefix))
-        )
+        return method.startswith(prefix) and bool(_METHOD_NAME_RE.fullmatch(method, len(prefix)))
 
     def __str__(self) -> str:
         if self.service is None:

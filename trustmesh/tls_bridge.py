@@ -205,8 +205,14 @@ class TlsBridge:
         directory: Path | None = None,
     ) -> None:
         self._credentials = credentials
-        self._dir = Path(directory or tempfile.mkdtemp(prefix="trustmesh-bridge-"))
-        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # unix socket paths are limited to ~107 bytes: keep them short.
+        if directory is not None and len(str(directory)) <= 60:
+            self._dir = directory
+            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._owns_dir = False
+        else:
+            self._dir = Path(tempfile.mkdtemp(prefix="tmb-"))
+            self._owns_dir = True
         os.chmod(self._dir, 0o700)
         self._contexts = _Contexts(self._dir)
         self._routes: dict[tuple[str, SpiffeId | None], _Route] = {}
@@ -292,7 +298,8 @@ class TlsBridge:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(route.path)
         self._routes.clear()
-        with contextlib.suppress(OSError):
-            for p in self._dir.iterdir():
-                p.unlink()
-            self._dir.rmdir()
+        if self._owns_dir:
+            with contextlib.suppress(OSError):
+                for p in self._dir.iterdir():
+                    p.unlink()
+                self._dir.rmdir()

@@ -27,15 +27,25 @@ def sid(name: str) -> SpiffeId:
 
 
 def agent(
-    name: str, blueprint: str, *, disabled: str | None = None, expires: datetime | None = None,
+    name: str,
+    blueprint: str,
+    *,
+    disabled: str | None = None,
+    expires: datetime | None = None,
     **attrs: str,
 ) -> rpb.Change:
-    return rpb.Change(put_agent=pb.Agent(
-        name=name, spiffe_id=TD + name, blueprint=blueprint, sponsor="alice@example.com",
-        attributes=attrs, expires_at=int(expires.timestamp()) if expires else 0,
-        state=pb.AGENT_STATE_DISABLED if disabled is not None else pb.AGENT_STATE_ACTIVE,
-        disabled_reason=disabled or "",
-    ))
+    return rpb.Change(
+        put_agent=pb.Agent(
+            name=name,
+            spiffe_id=TD + name,
+            blueprint=blueprint,
+            sponsor="alice@example.com",
+            attributes=attrs,
+            expires_at=int(expires.timestamp()) if expires else 0,
+            state=pb.AGENT_STATE_DISABLED if disabled is not None else pb.AGENT_STATE_ACTIVE,
+            disabled_reason=disabled or "",
+        )
+    )
 
 
 def blueprint(name: str, *methods: str) -> rpb.Change:
@@ -43,41 +53,57 @@ def blueprint(name: str, *methods: str) -> rpb.Change:
 
 
 def policy(name: str, callers: list[str], callees: list[str], *methods: str) -> rpb.Change:
-    return rpb.Change(put_policy=pb.AccessPolicy(
-        name=name,
-        callers=[pb.Selector(name=n) for n in callers],
-        callees=[pb.Selector(name=n) for n in callees],
-        methods=methods,
-    ))
+    return rpb.Change(
+        put_policy=pb.AccessPolicy(
+            name=name,
+            callers=[pb.Selector(name=n) for n in callers],
+            callees=[pb.Selector(name=n) for n in callees],
+            methods=methods,
+        )
+    )
 
 
 def endpoint(name: str, instance: str) -> rpb.Change:
-    return rpb.Change(put_endpoint=pb.Endpoint(
-        spiffe_id=TD + name, instance_id=instance, address=f"10.0.0.1:{len(instance)}"
-    ))
+    return rpb.Change(
+        put_endpoint=pb.Endpoint(
+            spiffe_id=TD + name, instance_id=instance, address=f"10.0.0.1:{len(instance)}"
+        )
+    )
 
 
 def demo_snapshot() -> Snapshot:
     snap = Snapshot()
     callers = ["orchestrator", "disabled", "expired", "later", "ghost"]
     callees = ["planner", "disabled", "expired", "orphan", "later", "ghost"]
-    assert snap.apply(rpb.SnapshotUpdate(epoch="e1", revision=2, full=True, changes=[
-        blueprint("orchestrator", "/demo.Orchestrator/*"),
-        blueprint("planner", "/demo.Planner/Plan", "/demo.Planner/Status"),
-        agent("orchestrator", "orchestrator"),
-        agent("planner", "planner", team="search"),
-        agent("disabled", "planner", disabled="compromised key"),
-        agent("expired", "planner", expires=EXPIRED_AT),
-        agent("later", "planner", expires=LATER),
-        agent("rogue", "orchestrator"),  # registered, but no policy names it
-        agent("orphan", "deleted-blueprint"),
-        # wider than the planner blueprint on purpose: the blueprint is the ceiling
-        policy("orchestrator-calls-planner", callers, callees, "/demo.Planner/*"),
-        policy("planner-status", ["planner", "later"], ["orchestrator"], "/demo.Orchestrator/Status"),
-        endpoint("planner", "i-1"),
-        endpoint("planner", "i-2"),
-        endpoint("later", "i-1"),
-    ]))
+    assert snap.apply(
+        rpb.SnapshotUpdate(
+            epoch="e1",
+            revision=2,
+            full=True,
+            changes=[
+                blueprint("orchestrator", "/demo.Orchestrator/*"),
+                blueprint("planner", "/demo.Planner/Plan", "/demo.Planner/Status"),
+                agent("orchestrator", "orchestrator"),
+                agent("planner", "planner", team="search"),
+                agent("disabled", "planner", disabled="compromised key"),
+                agent("expired", "planner", expires=EXPIRED_AT),
+                agent("later", "planner", expires=LATER),
+                agent("rogue", "orchestrator"),  # registered, but no policy names it
+                agent("orphan", "deleted-blueprint"),
+                # wider than the planner blueprint on purpose: the blueprint is the ceiling
+                policy("orchestrator-calls-planner", callers, callees, "/demo.Planner/*"),
+                policy(
+                    "planner-status",
+                    ["planner", "later"],
+                    ["orchestrator"],
+                    "/demo.Orchestrator/Status",
+                ),
+                endpoint("planner", "i-1"),
+                endpoint("planner", "i-2"),
+                endpoint("later", "i-1"),
+            ],
+        )
+    )
     return snap
 
 
@@ -86,42 +112,125 @@ CTX = " (call {m} from '" + TD + "{a}' to '" + TD + "{b}')"
 
 AUTHZ_CASES = [
     # (id, caller, callee, method, reason, message)
-    ("allowed", "orchestrator", "planner", PLAN, Reason.ALLOWED,
-     f"AccessPolicy 'orchestrator-calls-planner' allows {PLAN} from '{TD}orchestrator' "
-     f"to '{TD}planner'"),
-    ("caller-not-registered", "ghost", "planner", PLAN, Reason.AGENT_NOT_REGISTERED,
-     f"caller '{TD}ghost' is not a registered agent" + CTX.format(m=PLAN, a="ghost", b="planner")),
-    ("caller-disabled", "disabled", "planner", PLAN, Reason.AGENT_DISABLED,
-     f"caller '{TD}disabled' (agent 'disabled') is disabled: compromised key"
-     + CTX.format(m=PLAN, a="disabled", b="planner")),
-    ("caller-expired", "expired", "planner", PLAN, Reason.AGENT_EXPIRED,
-     f"caller '{TD}expired' (agent 'expired') expired at 2026-01-01T00:00:00Z"
-     + CTX.format(m=PLAN, a="expired", b="planner")),
-    ("caller-checked-before-callee", "ghost", "disabled", PLAN, Reason.AGENT_NOT_REGISTERED,
-     f"caller '{TD}ghost' is not a registered agent"),
-    ("callee-not-registered", "orchestrator", "ghost", PLAN, Reason.AGENT_NOT_REGISTERED,
-     f"callee '{TD}ghost' is not a registered agent"
-     + CTX.format(m=PLAN, a="orchestrator", b="ghost")),
-    ("callee-disabled", "orchestrator", "disabled", PLAN, Reason.AGENT_DISABLED,
-     f"callee '{TD}disabled' (agent 'disabled') is disabled: compromised key"),
-    ("callee-expired", "orchestrator", "expired", PLAN, Reason.AGENT_EXPIRED,
-     f"callee '{TD}expired' (agent 'expired') expired at 2026-01-01T00:00:00Z"),
-    ("bad-method", "orchestrator", "planner", "/demo.Planner", Reason.BAD_METHOD,
-     f"'/demo.Planner' is not a gRPC method path (/package.Service/Method): call from "
-     f"'{TD}orchestrator' to '{TD}planner'"),
-    ("method-beyond-blueprint", "orchestrator", "planner", "/demo.Planner/Delete",
-     Reason.METHOD_NOT_IN_BLUEPRINT,
-     f"/demo.Planner/Delete is not in the allowedMethods of callee's blueprint 'planner': "
-     f"/demo.Planner/Delete from '{TD}orchestrator' to '{TD}planner'"),
-    ("callee-blueprint-missing", "orchestrator", "orphan", PLAN, Reason.METHOD_NOT_IN_BLUEPRINT,
-     "callee's blueprint 'deleted-blueprint' is not registered, so it serves no methods"),
-    ("no-policy-for-caller", "rogue", "planner", PLAN, Reason.NO_MATCHING_POLICY,
-     f"no AccessPolicy allows {PLAN} from '{TD}rogue' to '{TD}planner'"),
-    ("policy-method-mismatch", "planner", "orchestrator", "/demo.Orchestrator/Run",
-     Reason.NO_MATCHING_POLICY,
-     f"no AccessPolicy allows /demo.Orchestrator/Run from '{TD}planner' to '{TD}orchestrator'"),
-    ("policy-direction", "planner", "planner", PLAN, Reason.NO_MATCHING_POLICY,
-     f"no AccessPolicy allows {PLAN} from '{TD}planner' to '{TD}planner'"),
+    (
+        "allowed",
+        "orchestrator",
+        "planner",
+        PLAN,
+        Reason.ALLOWED,
+        f"AccessPolicy 'orchestrator-calls-planner' allows {PLAN} from '{TD}orchestrator' "
+        f"to '{TD}planner'",
+    ),
+    (
+        "caller-not-registered",
+        "ghost",
+        "planner",
+        PLAN,
+        Reason.AGENT_NOT_REGISTERED,
+        f"caller '{TD}ghost' is not a registered agent"
+        + CTX.format(m=PLAN, a="ghost", b="planner"),
+    ),
+    (
+        "caller-disabled",
+        "disabled",
+        "planner",
+        PLAN,
+        Reason.AGENT_DISABLED,
+        f"caller '{TD}disabled' (agent 'disabled') is disabled: compromised key"
+        + CTX.format(m=PLAN, a="disabled", b="planner"),
+    ),
+    (
+        "caller-expired",
+        "expired",
+        "planner",
+        PLAN,
+        Reason.AGENT_EXPIRED,
+        f"caller '{TD}expired' (agent 'expired') expired at 2026-01-01T00:00:00Z"
+        + CTX.format(m=PLAN, a="expired", b="planner"),
+    ),
+    (
+        "caller-checked-before-callee",
+        "ghost",
+        "disabled",
+        PLAN,
+        Reason.AGENT_NOT_REGISTERED,
+        f"caller '{TD}ghost' is not a registered agent",
+    ),
+    (
+        "callee-not-registered",
+        "orchestrator",
+        "ghost",
+        PLAN,
+        Reason.AGENT_NOT_REGISTERED,
+        f"callee '{TD}ghost' is not a registered agent"
+        + CTX.format(m=PLAN, a="orchestrator", b="ghost"),
+    ),
+    (
+        "callee-disabled",
+        "orchestrator",
+        "disabled",
+        PLAN,
+        Reason.AGENT_DISABLED,
+        f"callee '{TD}disabled' (agent 'disabled') is disabled: compromised key",
+    ),
+    (
+        "callee-expired",
+        "orchestrator",
+        "expired",
+        PLAN,
+        Reason.AGENT_EXPIRED,
+        f"callee '{TD}expired' (agent 'expired') expired at 2026-01-01T00:00:00Z",
+    ),
+    (
+        "bad-method",
+        "orchestrator",
+        "planner",
+        "/demo.Planner",
+        Reason.BAD_METHOD,
+        f"'/demo.Planner' is not a gRPC method path (/package.Service/Method): call from "
+        f"'{TD}orchestrator' to '{TD}planner'",
+    ),
+    (
+        "method-beyond-blueprint",
+        "orchestrator",
+        "planner",
+        "/demo.Planner/Delete",
+        Reason.METHOD_NOT_IN_BLUEPRINT,
+        f"/demo.Planner/Delete is not in the allowedMethods of callee's blueprint 'planner': "
+        f"/demo.Planner/Delete from '{TD}orchestrator' to '{TD}planner'",
+    ),
+    (
+        "callee-blueprint-missing",
+        "orchestrator",
+        "orphan",
+        PLAN,
+        Reason.METHOD_NOT_IN_BLUEPRINT,
+        "callee's blueprint 'deleted-blueprint' is not registered, so it serves no methods",
+    ),
+    (
+        "no-policy-for-caller",
+        "rogue",
+        "planner",
+        PLAN,
+        Reason.NO_MATCHING_POLICY,
+        f"no AccessPolicy allows {PLAN} from '{TD}rogue' to '{TD}planner'",
+    ),
+    (
+        "policy-method-mismatch",
+        "planner",
+        "orchestrator",
+        "/demo.Orchestrator/Run",
+        Reason.NO_MATCHING_POLICY,
+        f"no AccessPolicy allows /demo.Orchestrator/Run from '{TD}planner' to '{TD}orchestrator'",
+    ),
+    (
+        "policy-direction",
+        "planner",
+        "planner",
+        PLAN,
+        Reason.NO_MATCHING_POLICY,
+        f"no AccessPolicy allows {PLAN} from '{TD}planner' to '{TD}planner'",
+    ),
 ]
 
 
@@ -144,9 +253,18 @@ def test_authorize(caller: str, callee: str, method: str, reason: Reason, messag
 
 def test_empty_policy_set_denies() -> None:
     snap = Snapshot()
-    assert snap.apply(rpb.SnapshotUpdate(epoch="e", revision=1, full=True, changes=[
-        blueprint("bp", "*"), agent("a", "bp"), agent("b", "bp"),
-    ]))
+    assert snap.apply(
+        rpb.SnapshotUpdate(
+            epoch="e",
+            revision=1,
+            full=True,
+            changes=[
+                blueprint("bp", "*"),
+                agent("a", "bp"),
+                agent("b", "bp"),
+            ],
+        )
+    )
     decision = authorize(sid("a"), sid("b"), PLAN, snap, now=NOW)
     assert decision.reason is Reason.NO_MATCHING_POLICY
 
@@ -177,8 +295,9 @@ def test_delta_that_disables_an_agent_invalidates_the_cache() -> None:
     snap = demo_snapshot()
     assert authorize(sid("orchestrator"), sid("planner"), PLAN, snap, now=NOW).allowed
     disable = agent("planner", "planner", disabled="incident 42", team="search")
-    assert snap.apply(rpb.SnapshotUpdate(epoch="e1", revision=3, base_revision=2,
-                                         changes=[disable]))
+    assert snap.apply(
+        rpb.SnapshotUpdate(epoch="e1", revision=3, base_revision=2, changes=[disable])
+    )
     decision = authorize(sid("orchestrator"), sid("planner"), PLAN, snap, now=NOW)
     assert decision.reason is Reason.AGENT_DISABLED
     assert "callee" in decision.message and "incident 42" in decision.message
@@ -187,10 +306,14 @@ def test_delta_that_disables_an_agent_invalidates_the_cache() -> None:
 def test_delta_that_removes_the_policy_invalidates_the_cached_allow() -> None:
     snap = demo_snapshot()
     assert authorize(sid("orchestrator"), sid("planner"), PLAN, snap, now=NOW).allowed
-    assert snap.apply(rpb.SnapshotUpdate(
-        epoch="e1", revision=3, base_revision=2,
-        changes=[rpb.Change(delete_policy="orchestrator-calls-planner")],
-    ))
+    assert snap.apply(
+        rpb.SnapshotUpdate(
+            epoch="e1",
+            revision=3,
+            base_revision=2,
+            changes=[rpb.Change(delete_policy="orchestrator-calls-planner")],
+        )
+    )
     decision = authorize(sid("orchestrator"), sid("planner"), PLAN, snap, now=NOW)
     assert decision.reason is Reason.NO_MATCHING_POLICY
     assert decision_cache(snap).hits == 0
@@ -200,8 +323,7 @@ def test_delta_that_removes_the_policy_invalidates_the_cached_allow() -> None:
 def test_agent_expiring_between_calls_is_denied_with_a_warm_cache(role: str) -> None:
     snap = demo_snapshot()
     a, b, method = (
-        ("later", "planner", PLAN) if role == "caller"
-        else ("orchestrator", "later", PLAN)
+        ("later", "planner", PLAN) if role == "caller" else ("orchestrator", "later", PLAN)
     )
     before = authorize(sid(a), sid(b), method, snap, now=LATER - timedelta(seconds=1))
     assert before.allowed
@@ -237,19 +359,29 @@ class _NoScan(dict):  # type: ignore[type-arg]
 
 
 def _mesh(n: int) -> Snapshot:
-    """n agents in a ring: p{i} lets a{i} call a{i+1}; q{j} lets team t{j} call a{j}."""
+    """n agents; p{i} lets a{i} call a{i+1} (for the first 10k); q{j} lets team t{j} call a{j}."""
     changes = [blueprint("bp", "/demo.S/*")]
     for i in range(n):
         changes.append(agent(f"a{i}", "bp", team=f"t{i % 1000}", tier="internal"))
+    for i in range(min(n, 10_000)):
         changes.append(policy(f"p{i}", [f"a{i}"], [f"a{(i + 1) % n}"], "/demo.S/Call"))
     for j in range(min(n, 1000)):
-        changes.append(rpb.Change(put_policy=pb.AccessPolicy(
-            name=f"q{j}",
-            callers=[pb.Selector(attributes=pb.AttributeMatch(
-                match={"team": f"t{j}", "tier": "internal"}))],
-            callees=[pb.Selector(spiffe_id=f"{TD}a{j}")],
-            methods=["/demo.S/Read"],
-        )))
+        changes.append(
+            rpb.Change(
+                put_policy=pb.AccessPolicy(
+                    name=f"q{j}",
+                    callers=[
+                        pb.Selector(
+                            attributes=pb.AttributeMatch(
+                                match={"team": f"t{j}", "tier": "internal"}
+                            )
+                        )
+                    ],
+                    callees=[pb.Selector(spiffe_id=f"{TD}a{j}")],
+                    methods=["/demo.S/Read"],
+                )
+            )
+        )
     snap = Snapshot()
     assert snap.apply(rpb.SnapshotUpdate(epoch="e", revision=1, full=True, changes=changes))
     state = snap._state
@@ -288,21 +420,39 @@ def test_authorize_cost_does_not_depend_on_registry_size(
 RESOLVE_CASES = [
     ("empty", "", Reason.MISSING_TARGET, "no target agent given"),
     ("blank", "   ", Reason.MISSING_TARGET, "no target agent given"),
-    ("unknown-name", "nobody", Reason.UNKNOWN_TARGET,
-     "unknown target 'nobody': no registered agent has this name or SPIFFE ID"),
+    (
+        "unknown-name",
+        "nobody",
+        Reason.UNKNOWN_TARGET,
+        "unknown target 'nobody': no registered agent has this name or SPIFFE ID",
+    ),
     ("unknown-id", TD + "nobody", Reason.UNKNOWN_TARGET, f"unknown target '{TD}nobody'"),
-    ("malformed-id", "spiffe://demo.local/a/../b", Reason.UNKNOWN_TARGET,
-     "unknown target: Invalid SPIFFE ID 'spiffe://demo.local/a/../b'"),
-    ("disabled", "disabled", Reason.AGENT_DISABLED,
-     f"target '{TD}disabled' (agent 'disabled') is disabled: compromised key"),
+    (
+        "malformed-id",
+        "spiffe://demo.local/a/../b",
+        Reason.UNKNOWN_TARGET,
+        "unknown target: Invalid SPIFFE ID 'spiffe://demo.local/a/../b'",
+    ),
+    (
+        "disabled",
+        "disabled",
+        Reason.AGENT_DISABLED,
+        f"target '{TD}disabled' (agent 'disabled') is disabled: compromised key",
+    ),
     ("expired", "expired", Reason.AGENT_EXPIRED, "expired at 2026-01-01T00:00:00Z"),
-    ("no-endpoint", "orchestrator", Reason.NO_ENDPOINT,
-     f"target 'orchestrator' ('{TD}orchestrator') has no live instance"),
+    (
+        "no-endpoint",
+        "orchestrator",
+        Reason.NO_ENDPOINT,
+        f"target 'orchestrator' ('{TD}orchestrator') has no live instance",
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("target", "reason", "message"), [c[1:] for c in RESOLVE_CASES], ids=[c[0] for c in RESOLVE_CASES]
+    ("target", "reason", "message"),
+    [c[1:] for c in RESOLVE_CASES],
+    ids=[c[0] for c in RESOLVE_CASES],
 )
 def test_resolve_target_denials(target: str, reason: Reason, message: str) -> None:
     result = resolve_target(target, demo_snapshot(), now=NOW)

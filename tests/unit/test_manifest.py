@@ -10,9 +10,10 @@ from datetime import UTC, datetime
 import pytest
 
 from trustmesh.errors import ManifestError
-from trustmesh.limits import DEFAULT_LIMITS
+from trustmesh.limits import DEFAULT_LIMITS, Limits
 from trustmesh.manifest import (
     parse_documents,
+    parse_json,
     parse_object,
     parse_sourced,
     to_document,
@@ -248,7 +249,8 @@ ERROR_CASES = [
         _agent(spiffeId="spiffe://demo.local/a/../b"),
         "f.yaml#1",
         "spec.spiffeId",
-        "Invalid SPIFFE ID 'spiffe://demo.local/a/../b': path segments '.' and '..' are not allowed",
+        "Invalid SPIFFE ID 'spiffe://demo.local/a/../b': "
+        "path segments '.' and '..' are not allowed",
     ),
     (
         "not-a-spiffe-id",
@@ -368,7 +370,8 @@ ERROR_CASES = [
         _policy(callers="[{name: a}, {name: b, blueprint: c}]"),
         "f.yaml#1",
         "spec.callers[1]",
-        "a selector needs exactly one of spiffeId, name, blueprint, attributes (got blueprint, name)",
+        "a selector needs exactly one of spiffeId, name, blueprint, attributes "
+        "(got blueprint, name)",
     ),
     (
         "selector-unknown-key",
@@ -562,3 +565,31 @@ def test_validate_batch_names_documents_by_source() -> None:
     assert str(info.value) == (
         "agents.yaml#2: metadata.name: duplicate Agent 'planner' (also in agents.yaml#1)"
     )
+
+
+def test_parse_json_round_trips_to_document() -> None:
+    (agent,) = parse_documents(AGENT, "a.yaml")
+    assert parse_json(json.dumps(to_document(agent)), "agents.yaml#1") == agent
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"kind": "Agent",', "malformed JSON at line 1, column 18: Expecting property name"),
+        ('{"kind": "Agent", "kind": "Agent"}', "malformed JSON: duplicate key 'kind'"),
+        ("[1]", "a document must be a mapping, got list"),
+        (json.dumps({"pad": "x" * DEFAULT_LIMITS.max_document_bytes}), "over the 262144 limit"),
+    ],
+    ids=["malformed", "duplicate-key", "not-a-mapping", "too-big"],
+)
+def test_parse_json_errors(text: str, problem: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        parse_json(text, "wire#3")
+    assert info.value.source == "wire#3"
+    assert problem in info.value.problem
+
+
+def test_whole_file_is_bounded_before_parsing() -> None:
+    tiny = Limits(max_document_bytes=100, max_apply_documents=2)
+    with pytest.raises(ManifestError, match=r"big.yaml: over the 200-byte limit for one file"):
+        parse_sourced("#" * 201, "big.yaml", tiny)

@@ -41,10 +41,16 @@ def sid(name: str) -> SpiffeId:
 
 
 def put_agent(name: str, blueprint: str = "bp", **attrs: str) -> rpb.Change:
-    return rpb.Change(put_agent=pb.Agent(
-        name=name, spiffe_id=TD + name, blueprint=blueprint, sponsor="alice",
-        attributes=attrs, state=pb.AGENT_STATE_ACTIVE,
-    ))
+    return rpb.Change(
+        put_agent=pb.Agent(
+            name=name,
+            spiffe_id=TD + name,
+            blueprint=blueprint,
+            sponsor="alice",
+            attributes=attrs,
+            state=pb.AGENT_STATE_ACTIVE,
+        )
+    )
 
 
 def put_blueprint(name: str = "bp", *methods: str) -> rpb.Change:
@@ -75,8 +81,9 @@ def delta(epoch: str, base: int, revision: int, *changes: rpb.Change) -> rpb.Sna
 
 def started() -> Snapshot:
     snap = Snapshot()
-    assert snap.apply(full("e1", 10, put_blueprint(), put_agent("a"), put_agent("b"),
-                           put_endpoint("a", "i1")))
+    assert snap.apply(
+        full("e1", 10, put_blueprint(), put_agent("a"), put_agent("b"), put_endpoint("a", "i1"))
+    )
     return snap
 
 
@@ -84,7 +91,11 @@ def test_full_snapshot_fills_every_view() -> None:
     snap = started()
     assert (snap.ready, snap.epoch, snap.revision, snap.generation) == (True, "e1", 10, 1)
     assert snap.counts() == {
-        "agents": 2, "blueprints": 1, "policies": 0, "endpoints": 1, "bundles": 0
+        "agents": 2,
+        "blueprints": 1,
+        "policies": 0,
+        "endpoints": 1,
+        "bundles": 0,
     }
     by_id = snap.agent_by_id(sid("a"))
     assert by_id is not None and by_id is snap.agent_by_name("a")
@@ -147,8 +158,15 @@ def test_put_agent_with_new_id_drops_the_old_id() -> None:
 
 def test_endpoints_are_kept_per_instance() -> None:
     snap = started()
-    assert snap.apply(delta("e1", 10, 11, put_endpoint("a", "i2", "10.0.0.2:1"),
-                            put_endpoint("a", "i1", "10.0.0.1:1")))
+    assert snap.apply(
+        delta(
+            "e1",
+            10,
+            11,
+            put_endpoint("a", "i2", "10.0.0.2:1"),
+            put_endpoint("a", "i1", "10.0.0.1:1"),
+        )
+    )
     assert sorted(e.address for e in snap.endpoints(sid("a"))) == ["10.0.0.1:1", "10.0.0.2:1"]
     assert snap.counts()["endpoints"] == 2
     gone = rpb.Change(delete_endpoint=pb.Endpoint(spiffe_id=TD + "a", instance_id="i1"))
@@ -167,20 +185,37 @@ def test_bundles_are_der_by_trust_domain() -> None:
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (rpb.Change(put_agent=pb.Agent(name="x", spiffe_id="http://x", blueprint="bp",
-                                       sponsor="s")),
-         "Invalid SPIFFE ID 'http://x'"),
-        (rpb.Change(put_blueprint=pb.AgentBlueprint(name="bp2", allowed_methods=["/x"])),
-         "invalid method pattern '/x'"),
-        (rpb.Change(put_policy=pb.AccessPolicy(name="p", callers=[pb.Selector()],
-                                               callees=[pb.Selector(name="a")],
-                                               methods=["*"])),
-         "no selector field is set"),
+        (
+            rpb.Change(
+                put_agent=pb.Agent(name="x", spiffe_id="http://x", blueprint="bp", sponsor="s")
+            ),
+            "Invalid SPIFFE ID 'http://x'",
+        ),
+        (
+            rpb.Change(put_blueprint=pb.AgentBlueprint(name="bp2", allowed_methods=["/x"])),
+            "invalid method pattern '/x'",
+        ),
+        (
+            rpb.Change(
+                put_policy=pb.AccessPolicy(
+                    name="p",
+                    callers=[pb.Selector()],
+                    callees=[pb.Selector(name="a")],
+                    methods=["*"],
+                )
+            ),
+            "no selector field is set",
+        ),
         (rpb.Change(put_endpoint=pb.Endpoint(spiffe_id=TD + "a")), "instance_id: must not be"),
         (rpb.Change(), "no change field is set"),
     ],
-    ids=["agent-bad-id", "blueprint-bad-method", "policy-empty-selector", "endpoint-no-instance",
-         "empty-change"],
+    ids=[
+        "agent-bad-id",
+        "blueprint-bad-method",
+        "policy-empty-selector",
+        "endpoint-no-instance",
+        "empty-change",
+    ],
 )
 def test_invalid_change_raises_and_changes_nothing(bad: rpb.Change, message: str) -> None:
     snap = started()
@@ -193,8 +228,13 @@ def test_invalid_change_raises_and_changes_nothing(bad: rpb.Change, message: str
 
 
 def _view(name: str, blueprint: str = "bp", **attrs: str) -> AgentView:
-    return AgentView(name=name, spiffe_id=sid(name), blueprint=blueprint, sponsor="s",
-                     attributes=Attributes(attrs))
+    return AgentView(
+        name=name,
+        spiffe_id=sid(name),
+        blueprint=blueprint,
+        sponsor="s",
+        attributes=Attributes(attrs),
+    )
 
 
 ALICE = _view("alice", "worker", team="search", tier="internal")
@@ -207,16 +247,34 @@ BOB = _view("bob", "tool", team="search")
         ([pb.Selector(name="alice")], [pb.Selector(name="bob")], True),
         ([pb.Selector(spiffe_id=TD + "alice")], [pb.Selector(spiffe_id=TD + "bob")], True),
         ([pb.Selector(blueprint="worker")], [pb.Selector(blueprint="tool")], True),
-        ([pb.Selector(attributes=pb.AttributeMatch(match={"team": "search", "tier": "internal"}))],
-         [pb.Selector(attributes=pb.AttributeMatch(match={"team": "search"}))], True),
-        ([pb.Selector(attributes=pb.AttributeMatch(match={"team": "search", "tier": "gold"}))],
-         [pb.Selector(name="bob")], False),
+        (
+            [
+                pb.Selector(
+                    attributes=pb.AttributeMatch(match={"team": "search", "tier": "internal"})
+                )
+            ],
+            [pb.Selector(attributes=pb.AttributeMatch(match={"team": "search"}))],
+            True,
+        ),
+        (
+            [pb.Selector(attributes=pb.AttributeMatch(match={"team": "search", "tier": "gold"}))],
+            [pb.Selector(name="bob")],
+            False,
+        ),
         ([pb.Selector(name="carol"), pb.Selector(name="alice")], [pb.Selector(name="bob")], True),
         ([pb.Selector(name="alice")], [pb.Selector(name="carol")], False),
         ([pb.Selector(name="bob")], [pb.Selector(name="alice")], False),
     ],
-    ids=["name", "spiffe-id", "blueprint", "attributes", "attributes-partial-match",
-         "any-of", "callee-mismatch", "reversed"],
+    ids=[
+        "name",
+        "spiffe-id",
+        "blueprint",
+        "attributes",
+        "attributes-partial-match",
+        "any-of",
+        "callee-mismatch",
+        "reversed",
+    ],
 )
 def test_candidate_policies_by_selector_kind(
     callers: list[pb.Selector], callees: list[pb.Selector], found: bool
@@ -229,10 +287,12 @@ def test_candidate_policies_by_selector_kind(
 
 def test_policy_replace_and_delete_update_the_indexes() -> None:
     snap = Snapshot()
-    assert snap.apply(full("e", 1, put_policy("p", [pb.Selector(name="alice")],
-                                              [pb.Selector(name="bob")])))
-    assert snap.apply(delta("e", 1, 2, put_policy("p", [pb.Selector(name="carol")],
-                                                  [pb.Selector(name="bob")])))
+    assert snap.apply(
+        full("e", 1, put_policy("p", [pb.Selector(name="alice")], [pb.Selector(name="bob")]))
+    )
+    assert snap.apply(
+        delta("e", 1, 2, put_policy("p", [pb.Selector(name="carol")], [pb.Selector(name="bob")]))
+    )
     assert snap.candidate_policies(ALICE, BOB) == []
     assert [p.name for p in snap.candidate_policies(_view("carol"), BOB)] == ["p"]
     assert snap.apply(delta("e", 2, 3, rpb.Change(delete_policy="p")))
@@ -249,13 +309,14 @@ def test_a_one_record_delta_costs_o_of_the_change(monkeypatch: pytest.MonkeyPatc
     n = 5000
     changes = [put_blueprint()]
     changes += [put_agent(f"a{i}") for i in range(n)]
-    changes += [put_policy(f"p{i}", [pb.Selector(name=f"a{i}")], [pb.Selector(name="a0")])
-                for i in range(n)]
+    changes += [
+        put_policy(f"p{i}", [pb.Selector(name=f"a{i}")], [pb.Selector(name="a0")]) for i in range(n)
+    ]
     snap = Snapshot()
     assert snap.apply(full("e", 1, *changes))
 
     decoded, indexed = _Counter(), _Counter()
-    real_from_pb = snapshot_module.agent_from_pb
+    real_from_pb = agent_from_pb
     real_add = snapshot_module._SelectorIndex.add
 
     def counting_from_pb(msg: pb.Agent) -> AgentView:
@@ -270,8 +331,9 @@ def test_a_one_record_delta_costs_o_of_the_change(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(snapshot_module._SelectorIndex, "add", counting_add)
     assert snap.apply(delta("e", 1, 2, put_agent("a7", tier="gold")))
     assert (decoded.calls, indexed.calls) == (1, 0)
-    assert snap.apply(delta("e", 2, 3, put_policy("new", [pb.Selector(name="a1")],
-                                                  [pb.Selector(name="a2")])))
+    assert snap.apply(
+        delta("e", 2, 3, put_policy("new", [pb.Selector(name="a1")], [pb.Selector(name="a2")]))
+    )
     assert (decoded.calls, indexed.calls) == (1, 2)  # one caller side, one callee side
     assert snap.counts()["policies"] == n + 1
 
@@ -285,8 +347,12 @@ BLUEPRINT = AgentBlueprint(
     default_attributes=Attributes({"team": "search", "tier": "internal"}),
 )
 AGENT = Agent(
-    name="planner", spiffe_id=sid("planner"), blueprint="planner", sponsor="alice",
-    owners=("team-search",), attributes=Attributes({"tier": "critical"}),
+    name="planner",
+    spiffe_id=sid("planner"),
+    blueprint="planner",
+    sponsor="alice",
+    owners=("team-search",),
+    attributes=Attributes({"tier": "critical"}),
     expires_at=datetime(2027, 1, 1, 0, 0, 0, 900000, tzinfo=UTC),
 )
 
@@ -320,9 +386,12 @@ def test_unspecified_state_reads_as_disabled() -> None:
 def test_blueprint_and_policy_round_trip() -> None:
     policy = AccessPolicy(
         name="p",
-        callers=(Selector(SelectorKind.NAME, "a"), Selector(SelectorKind.SPIFFE_ID, sid("x")),
-                 Selector(SelectorKind.BLUEPRINT, "bp"),
-                 Selector(SelectorKind.ATTRIBUTES, Attributes({"team": "search"}))),
+        callers=(
+            Selector(SelectorKind.NAME, "a"),
+            Selector(SelectorKind.SPIFFE_ID, sid("x")),
+            Selector(SelectorKind.BLUEPRINT, "bp"),
+            Selector(SelectorKind.ATTRIBUTES, Attributes({"team": "search"})),
+        ),
         callees=(Selector(SelectorKind.NAME, "b"),),
         methods=(MethodPattern.parse("/demo.Planner/Plan"), MethodPattern.parse("*")),
     )
@@ -333,12 +402,23 @@ def test_blueprint_and_policy_round_trip() -> None:
 @pytest.mark.parametrize(
     ("msg", "error", "message"),
     [
-        (pb.Agent(name="a", spiffe_id="spiffe://d/a", blueprint="bp", sponsor="s",
-                  expires_at=-5), InvalidResourceError, "expires_at: -5 is not a valid time"),
-        (pb.Agent(name="A", spiffe_id="spiffe://d/a", blueprint="bp", sponsor="s"),
-         InvalidResourceError, "metadata.name: invalid name 'A'"),
-        (pb.Agent(name="a", spiffe_id="spiffe://d/a/", blueprint="bp", sponsor="s"),
-         InvalidSpiffeIdError, "Invalid SPIFFE ID 'spiffe://d/a/'"),
+        (
+            pb.Agent(
+                name="a", spiffe_id="spiffe://d/a", blueprint="bp", sponsor="s", expires_at=-5
+            ),
+            InvalidResourceError,
+            "expires_at: -5 is not a valid time",
+        ),
+        (
+            pb.Agent(name="A", spiffe_id="spiffe://d/a", blueprint="bp", sponsor="s"),
+            InvalidResourceError,
+            "metadata.name: invalid name 'A'",
+        ),
+        (
+            pb.Agent(name="a", spiffe_id="spiffe://d/a/", blueprint="bp", sponsor="s"),
+            InvalidSpiffeIdError,
+            "Invalid SPIFFE ID 'spiffe://d/a/'",
+        ),
     ],
     ids=["negative-expiry", "bad-name", "bad-spiffe-id"],
 )
