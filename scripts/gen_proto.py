@@ -20,8 +20,14 @@ def generate(into: Path) -> None:
     from grpc_tools import protoc  # imported late: only a dev dependency
 
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
-    args = ["protoc", f"-I{PROTO_DIR}", f"--python_out={into}", f"--pyi_out={into}",
-            f"--grpc_python_out={into}", *protos]
+    args = [
+        "protoc",
+        f"-I{PROTO_DIR}",
+        f"--python_out={into}",
+        f"--pyi_out={into}",
+        f"--grpc_python_out={into}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
 
@@ -33,8 +39,11 @@ def main() -> int:
         fresh = Path(tmp) / "trustmesh" / "v1"
         names = sorted(p.name for p in fresh.iterdir() if p.is_file())
         if check:
-            stale = [n for n in names
-                     if not (OUT_DIR / n).exists() or not filecmp.cmp(fresh / n, OUT_DIR / n, False)]
+            stale = [
+                n
+                for n in names
+                if not (OUT_DIR / n).exists() or not filecmp.cmp(fresh / n, OUT_DIR / n, False)
+            ]
             if stale:
                 print("generated code is stale; run python scripts/gen_proto.py:", *stale)
                 return 1

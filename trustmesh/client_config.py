@@ -33,7 +33,11 @@ def default_config_path() -> Path:
     env = os.environ.get("TRUSTMESH_CONFIG")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "trustmesh" / "config.yaml"
+    return (
+        Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+        / "trustmesh"
+        / "config.yaml"
+    )
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,9 @@ class ClientConfig:
             raise ConfigError(f"{path}: unknown field(s) {', '.join(sorted(unknown))}")
         if raw.get("kind") != "ClientConfig":
             raise ConfigError(f"{path}: kind must be ClientConfig")
-        missing = [f for f in ("registry", "registryId", "bundle", "certificate", "key") if not raw.get(f)]
+        missing = [
+            f for f in ("registry", "registryId", "bundle", "certificate", "key") if not raw.get(f)
+        ]
         if missing:
             raise ConfigError(f"{path}: missing field(s) {', '.join(missing)}")
         base = path.parent

@@ -69,7 +69,7 @@ def parse_details(details: str) -> tuple[str, str] | None:
     prefix = DETAILS_PREFIX + ": "
     if not details.startswith(prefix):
         return None
-    reason, _, message = details[len(prefix):].partition(": ")
+    reason, _, message = details[len(prefix) :].partition(": ")
     return reason, message
 
 

@@ -63,7 +63,7 @@ class OperatorClient:
     def from_config(cls, path: Path, *, registry: str | None = None) -> OperatorClient:
         cfg = ClientConfig.load(path)
         svid = X509Svid.from_pem(_read(cfg.certificate), _read(cfg.key))
-        bundles = BundleSet({}).with_bundle(
+        bundles = BundleSet().with_bundle(
             TrustBundle.from_pem(cfg.registry_id.trust_domain, _read(cfg.bundle))
         )
         return cls(svid, bundles, registry or cfg.registry, cfg.registry_id, config=cfg)
@@ -73,7 +73,7 @@ class OperatorClient:
         pem = _read(credentials)
         svid = X509Svid.from_pem(pem, pem)
         td = svid.spiffe_id.trust_domain
-        bundles = BundleSet({}).with_bundle(TrustBundle.from_pem(td, _read(bundle)))
+        bundles = BundleSet().with_bundle(TrustBundle.from_pem(td, _read(bundle)))
         return cls(svid, bundles, registry, SpiffeId.parse(f"spiffe://{td}/trustmesh/registry"))
 
     async def call(self, fn: Callable[[rgrpc.RegistryStub], Awaitable[T]]) -> T:
@@ -85,7 +85,9 @@ class OperatorClient:
             except grpc.aio.AioRpcError as e:
                 explained = channels.explain(self.registry, self.registry_id)
                 if explained:
-                    raise PeerAuthenticationError(f"registry at {self.registry}: {explained}") from e
+                    raise PeerAuthenticationError(
+                        f"registry at {self.registry}: {explained}"
+                    ) from e
                 raise _from_rpc(e, self.registry) from e
         finally:
             await channels.close()

@@ -72,7 +72,7 @@ _SETTER = _DictSetter()
 
 def split_method(path: str) -> tuple[str, str]:
     """`/pkg.Service/Method` -> (`pkg.Service`, `Method`)."""
-    _, service, method = (path.split("/", 2) + ["", ""])[:3]
+    _, service, method = [*path.split("/", 2), "", ""][:3]
     return service, method
 
 
@@ -80,7 +80,9 @@ def extract_context(headers: Headers) -> Context:
     return propagate.extract(headers, getter=_GETTER)
 
 
-def inject_context(headers: Iterable[tuple[str, str | bytes]], span: trace.Span) -> list[tuple[str, str | bytes]]:
+def inject_context(
+    headers: Iterable[tuple[str, str | bytes]], span: trace.Span
+) -> list[tuple[str, str | bytes]]:
     """Headers with any incoming trace context replaced by `span`'s."""
     out = [(k, v) for k, v in headers if k not in _TRACE_KEYS]
     carrier: dict[str, str] = {}

@@ -127,8 +127,9 @@ async def dial(
     ctx = contexts.get(tls)
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ctx, server_hostname=None if _is_ip(host)
-                                    else host),
+            asyncio.open_connection(
+                host, port, ssl=ctx, server_hostname=None if _is_ip(host) else host
+            ),
             timeout,
         )
     except ssl.SSLError as e:
@@ -242,7 +243,9 @@ class TlsBridge:
                 self._routes[key] = route
         return "unix:" + route.path
 
-    def last_error(self, address: str, expected_id: SpiffeId | None) -> PeerAuthenticationError | None:
+    def last_error(
+        self, address: str, expected_id: SpiffeId | None
+    ) -> PeerAuthenticationError | None:
         route = self._routes.get((address, expected_id))
         return route.last_error if route else None
 

@@ -18,7 +18,7 @@ from trustmesh_registry.store import Store
 
 __all__ = ["Attestor", "JoinTokenAttestor", "hash_token"]
 
-_TOKEN_PREFIX = "tmjt."
+_TOKEN_PREFIX = "tmjt."  # noqa: S105 (a prefix, not a secret)
 MAX_TOKEN_TTL_S = 30 * 24 * 3600
 MAX_TOKEN_USES = 10_000
 
@@ -34,11 +34,13 @@ class Attestor(Protocol):
 
 
 class JoinTokenAttestor:
-    def __init__(self, store: Store, *, is_reserved: "ReservedCheck") -> None:
+    def __init__(self, store: Store, *, is_reserved: ReservedCheck) -> None:
         self._store = store
         self._is_reserved = is_reserved
 
-    def create(self, spiffe_id: SpiffeId, *, ttl_s: int, uses: int, now: datetime) -> tuple[str, int]:
+    def create(
+        self, spiffe_id: SpiffeId, *, ttl_s: int, uses: int, now: datetime
+    ) -> tuple[str, int]:
         if self._is_reserved(spiffe_id):
             raise ConfigError(f"join tokens are never issued for {spiffe_id}: it is reserved")
         if not 0 < ttl_s <= MAX_TOKEN_TTL_S:

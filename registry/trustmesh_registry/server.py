@@ -65,12 +65,16 @@ class RegistryServer:
         self.registry_id = SpiffeId.parse(f"spiffe://{td}/trustmesh/registry")
         self.store = SqliteStore(self.data.database)
         self.issuer = Issuer(
-            self.ca, self.registry_id, self.bundles, clock,
-            svid_ttl=config.svid_ttl, operator_ttl=config.operator_ttl,
+            self.ca,
+            self.registry_id,
+            self.bundles,
+            clock,
+            svid_ttl=config.svid_ttl,
+            operator_ttl=config.operator_ttl,
         )
         self.attestor = JoinTokenAttestor(self.store, is_reserved=self.issuer.is_reserved)
         self.state = RegistryState(self.store, self.bundles, reserved_ids=self.issuer.is_reserved)
-        self.bundle_set = BundleSet({}).with_bundle(self.ca.bundle())
+        self.bundle_set = BundleSet().with_bundle(self.ca.bundle())
         self._verifier = PeerVerifier(self.bundle_set)
         self.svid = self._issue_own_svid()
         self._mtls_creds = ServerCredentials(self.svid, self.bundle_set)
@@ -89,15 +93,21 @@ class RegistryServer:
         from cryptography.hazmat.primitives.serialization import Encoding
 
         key = generate_key()
-        cert = self.ca.sign_csr(make_csr(key, self.registry_id), self.registry_id,
-                                now=self.clock(), ttl=self.config.registry_svid_ttl)
+        cert = self.ca.sign_csr(
+            make_csr(key, self.registry_id),
+            self.registry_id,
+            now=self.clock(),
+            ttl=self.config.registry_svid_ttl,
+        )
         return X509Svid.from_der([cert.public_bytes(Encoding.DER)], key)
 
     async def start(self) -> None:
         limits = self.config.limits
         mtls = grpc.aio.server(options=server_options(limits, age=True))
         rgrpc.add_RegistryServicer_to_server(
-            RegistryService(self.state, self.issuer, self.attestor, lambda: self._verifier, limits=limits),
+            RegistryService(
+                self.state, self.issuer, self.attestor, lambda: self._verifier, limits=limits
+            ),
             mtls,
         )
         boot = grpc.aio.server(options=server_options(limits, age=True))
@@ -117,13 +127,16 @@ class RegistryServer:
             await health.set("", health_pb2.HealthCheckResponse.SERVING)
             await health.set("trustmesh.v1.Registry", health_pb2.HealthCheckResponse.SERVING)
         self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
-        log.info("registry %s serving on %s (mTLS) and %s (bootstrap)", self.registry_id,
-                 self.address, self.bootstrap_address)
+        log.info(
+            "registry %s serving on %s (mTLS) and %s (bootstrap)",
+            self.registry_id,
+            self.address,
+            self.bootstrap_address,
+        )
 
     async def _renew_loop(self) -> None:
         while True:
-            lifetime = (self.svid.not_after - self.svid.not_before).total_seconds()
-            wait = max(1.0, (self.svid.not_after - self.clock()).total_seconds() - lifetime / 2)
+            wait = max(1.0, (self.svid.not_after - self.clock()).total_seconds() / 2)
             await asyncio.sleep(wait)
             self.svid = self._issue_own_svid()
             self._mtls_creds.update(self.svid, self.bundle_set)

@@ -21,7 +21,6 @@ import grpc
 from trustmesh.ca import CertificateAuthority
 from trustmesh.errors import (
     AccessDeniedError,
-    BootstrapError,
     ConfigError,
     LimitExceededError,
     MeshError,
@@ -92,19 +91,22 @@ async def _guard(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T
         raise  # unreachable: abort raises
 
 
-class BootstrapService(rgrpc.BootstrapServicer):
+class BootstrapService(rgrpc.BootstrapServicer):  # type: ignore[misc]
     def __init__(self, issuer: Issuer, attestor: JoinTokenAttestor) -> None:
         self._issuer = issuer
         self._attestor = attestor
         self._lock = asyncio.Lock()
 
-    async def Join(self, request: rpb.JoinRequest, context: grpc.aio.ServicerContext) -> rpb.SvidResponse:
+    async def Join(
+        self, request: rpb.JoinRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.SvidResponse:
         async def run() -> rpb.SvidResponse:
             async with self._lock:  # one join at a time: token use is checked and spent
                 spiffe_id = self._attestor.attest(request.token, now=self._issuer.clock())
             response = self._issuer.issue(request.csr, spiffe_id)
-            audit.info(json.dumps({"event": "join", "spiffe_id": str(spiffe_id),
-                                   "peer": context.peer()}))
+            audit.info(
+                json.dumps({"event": "join", "spiffe_id": str(spiffe_id), "peer": context.peer()})
+            )
             return response
 
         return await _guard(context, run)
@@ -117,7 +119,7 @@ class BootstrapService(rgrpc.BootstrapServicer):
         )
 
 
-class RegistryService(rgrpc.RegistryServicer):
+class RegistryService(rgrpc.RegistryServicer):  # type: ignore[misc]
     def __init__(
         self,
         state: RegistryState,
@@ -159,7 +161,9 @@ class RegistryService(rgrpc.RegistryServicer):
 
     # -- operator methods ---------------------------------------------------------------
 
-    async def Apply(self, request: rpb.ApplyRequest, context: grpc.aio.ServicerContext) -> rpb.ApplyResponse:
+    async def Apply(
+        self, request: rpb.ApplyRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.ApplyResponse:
         async def run() -> rpb.ApplyResponse:
             who = self._operator(context, "apply resources")
             if len(request.documents) > self._limits.max_apply_documents:
@@ -170,7 +174,9 @@ class RegistryService(rgrpc.RegistryServicer):
             docs: list[tuple[str, Any]] = []
             for d in request.documents:
                 if len(d.json) > self._limits.max_document_bytes:
-                    raise LimitExceededError(f"{d.source}: document over {self._limits.max_document_bytes} bytes")
+                    raise LimitExceededError(
+                        f"{d.source}: document over {self._limits.max_document_bytes} bytes"
+                    )
                 try:
                     docs.append((d.source, json.loads(d.json)))
                 except ValueError as e:
@@ -182,7 +188,9 @@ class RegistryService(rgrpc.RegistryServicer):
 
         return await _guard(context, run)
 
-    async def Get(self, request: rpb.GetRequest, context: grpc.aio.ServicerContext) -> rpb.GetResponse:
+    async def Get(
+        self, request: rpb.GetRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.GetResponse:
         async def run() -> rpb.GetResponse:
             self._operator(context, "read resources")
             docs = self._state.documents(request.kind, request.name)
@@ -190,7 +198,9 @@ class RegistryService(rgrpc.RegistryServicer):
 
         return await _guard(context, run)
 
-    async def Delete(self, request: rpb.DeleteRequest, context: grpc.aio.ServicerContext) -> rpb.DeleteResponse:
+    async def Delete(
+        self, request: rpb.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.DeleteResponse:
         async def run() -> rpb.DeleteResponse:
             who = self._operator(context, "delete resources")
             revision = self._state.delete(request.kind, request.name)
@@ -206,9 +216,13 @@ class RegistryService(rgrpc.RegistryServicer):
             who = self._operator(context, "create join tokens")
             spiffe_id = SpiffeId.parse(request.spiffe_id)
             if spiffe_id.trust_domain != self._issuer.registry_id.trust_domain:
-                raise ConfigError(f"{spiffe_id} is not in trust domain {self._issuer.registry_id.trust_domain}")
+                raise ConfigError(
+                    f"{spiffe_id} is not in trust domain {self._issuer.registry_id.trust_domain}"
+                )
             token, expires_at = self._attestor.create(
-                spiffe_id, ttl_s=request.ttl_seconds or 3600, uses=request.uses or 1,
+                spiffe_id,
+                ttl_s=request.ttl_seconds or 3600,
+                uses=request.uses or 1,
                 now=self._issuer.clock(),
             )
             self._audit(who, "token_create", spiffe_id=str(spiffe_id), uses=request.uses or 1)
@@ -224,15 +238,21 @@ class RegistryService(rgrpc.RegistryServicer):
             revision = self._state.set_agent_state(
                 request.agent, disabled=request.disabled, reason=request.reason
             )
-            self._audit(who, "disable" if request.disabled else "enable", agent=request.agent,
-                        reason=request.reason)
+            self._audit(
+                who,
+                "disable" if request.disabled else "enable",
+                agent=request.agent,
+                reason=request.reason,
+            )
             return rpb.SetAgentStateResponse(revision=revision)
 
         return await _guard(context, run)
 
     # -- workload methods ---------------------------------------------------------------
 
-    async def RenewSvid(self, request: rpb.RenewSvidRequest, context: grpc.aio.ServicerContext) -> rpb.SvidResponse:
+    async def RenewSvid(
+        self, request: rpb.RenewSvidRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.SvidResponse:
         async def run() -> rpb.SvidResponse:
             caller = self._caller(context)
             if caller == self._issuer.registry_id:
@@ -254,8 +274,11 @@ class RegistryService(rgrpc.RegistryServicer):
         watcher = state.subscribe()
         endpoint = None
         if request.inbound_address:
-            endpoint = pb.Endpoint(spiffe_id=str(caller), instance_id=request.instance_id[:64],
-                                   address=request.inbound_address[:256])
+            endpoint = pb.Endpoint(
+                spiffe_id=str(caller),
+                instance_id=request.instance_id[:64],
+                address=request.inbound_address[:256],
+            )
         try:
             backlog = state.updates_since(request.epoch, request.revision)
             if backlog is None:
@@ -267,12 +290,12 @@ class RegistryService(rgrpc.RegistryServicer):
             for update in backlog:
                 yield update
             while True:
-                update = await watcher.queue.get()
-                if update is None:
+                queued = await watcher.queue.get()
+                if queued is None:
                     return  # fell behind: end the stream, the sidecar resyncs
-                if update.revision <= sent:
+                if queued.revision <= sent:
                     continue
-                yield update
+                yield queued
         finally:
             state.unsubscribe(watcher)
             if endpoint is not None:

@@ -33,8 +33,12 @@ log = logging.getLogger(__name__)
 Resource = Agent | AgentBlueprint | AccessPolicy
 KINDS = {"AgentBlueprint": AgentBlueprint, "Agent": Agent, "AccessPolicy": AccessPolicy}
 _ALIASES = {k.lower(): k for k in KINDS} | {
-    "agents": "Agent", "blueprint": "AgentBlueprint", "blueprints": "AgentBlueprint",
-    "agentblueprints": "AgentBlueprint", "policy": "AccessPolicy", "policies": "AccessPolicy",
+    "agents": "Agent",
+    "blueprint": "AgentBlueprint",
+    "blueprints": "AgentBlueprint",
+    "agentblueprints": "AgentBlueprint",
+    "policy": "AccessPolicy",
+    "policies": "AccessPolicy",
     "accesspolicies": "AccessPolicy",
 }
 
@@ -100,11 +104,15 @@ class RegistryState:
 
     def full_snapshot(self) -> rpb.SnapshotUpdate:
         changes = [rpb.Change(put_bundle=b) for b in self._bundles()]
-        changes += [rpb.Change(put_blueprint=wire.blueprint_to_pb(b)) for b in self.blueprints.values()]
+        changes += [
+            rpb.Change(put_blueprint=wire.blueprint_to_pb(b)) for b in self.blueprints.values()
+        ]
         changes += [rpb.Change(put_agent=self._agent_pb(a)) for a in self.agents.values()]
         changes += [rpb.Change(put_policy=wire.policy_to_pb(p)) for p in self.policies.values()]
         changes += [rpb.Change(put_endpoint=e) for e in self.endpoints.values()]
-        return rpb.SnapshotUpdate(epoch=self.epoch, revision=self.revision, full=True, changes=changes)
+        return rpb.SnapshotUpdate(
+            epoch=self.epoch, revision=self.revision, full=True, changes=changes
+        )
 
     def updates_since(self, epoch: str, revision: int) -> list[rpb.SnapshotUpdate] | None:
         """The deltas after `revision`, or None when only a full snapshot will do."""
@@ -130,9 +138,12 @@ class RegistryState:
 
     def documents(self, kind: str, name: str = "") -> list[dict[str, Any]]:
         kind = canonical_kind(kind)
-        table: dict[str, Any] = {
-            "AgentBlueprint": self.blueprints, "Agent": self.agents, "AccessPolicy": self.policies,
-        }[kind]
+        tables: dict[str, dict[str, Any]] = {
+            "AgentBlueprint": self.blueprints,
+            "Agent": self.agents,
+            "AccessPolicy": self.policies,
+        }
+        table = tables[kind]
         if name and name not in table:
             raise NotFoundError(f"{kind}/{name} not found")
         out = []
@@ -144,7 +155,9 @@ class RegistryState:
                     "state": "Disabled" if op.disabled else "Active",
                     "disabledReason": op.reason,
                     "endpoints": sorted(
-                        e.address for (sid, _), e in self.endpoints.items() if sid == str(res.spiffe_id)
+                        e.address
+                        for (sid, _), e in self.endpoints.items()
+                        if sid == str(res.spiffe_id)
                     ),
                 }
             out.append(doc)
@@ -203,7 +216,9 @@ class RegistryState:
         if isinstance(res, AgentBlueprint):
             users = sorted(a.name for a in self.agents.values() if a.blueprint == name)
             if users:
-                raise ConfigError(f"AgentBlueprint/{name} is used by agents: {', '.join(users[:10])}")
+                raise ConfigError(
+                    f"AgentBlueprint/{name} is used by agents: {', '.join(users[:10])}"
+                )
         self._store.write_resources([], [(kind, name)])
         if isinstance(res, Agent):
             del self.agents[name]
@@ -289,11 +304,15 @@ class RegistryState:
         if not isinstance(res, Agent):
             return
         if self._reserved(res.spiffe_id):
-            raise ManifestError(source, "spec.spiffeId", f"{res.spiffe_id} is reserved for TrustMesh itself")
+            raise ManifestError(
+                source, "spec.spiffeId", f"{res.spiffe_id} is reserved for TrustMesh itself"
+            )
         owner = self.agents_by_id.get(res.spiffe_id)
         if owner is not None and owner != res.name:
-            renamed = any(isinstance(o, Agent) and o.name == owner and o.spiffe_id != res.spiffe_id
-                          for o in batch)
+            renamed = any(
+                isinstance(o, Agent) and o.name == owner and o.spiffe_id != res.spiffe_id
+                for o in batch
+            )
             if not renamed:
                 raise ManifestError(
                     source, "spec.spiffeId", f"{res.spiffe_id} already belongs to Agent/{owner}"
@@ -302,5 +321,8 @@ class RegistryState:
     def _agent_pb(self, agent: Agent) -> pb.Agent:
         op = self.operator.get(agent.name, OperatorState(False))
         return wire.agent_to_pb(
-            agent, self.blueprints.get(agent.blueprint), disabled=op.disabled, disabled_reason=op.reason
+            agent,
+            self.blueprints.get(agent.blueprint),
+            disabled=op.disabled,
+            disabled_reason=op.reason,
         )

@@ -39,7 +39,9 @@ class Store(Protocol):
 
     def set_operator_state(self, agent: str, state: OperatorState) -> None: ...
 
-    def add_join_token(self, token_hash: str, spiffe_id: str, uses: int, expires_at: int) -> None: ...
+    def add_join_token(
+        self, token_hash: str, spiffe_id: str, uses: int, expires_at: int
+    ) -> None: ...
 
     def consume_join_token(self, token_hash: str, now: int) -> str | None:
         """Use the token once, atomically; the bound SPIFFE ID, or None if unusable."""

@@ -64,9 +64,7 @@ class SqliteStore:
                 "ON CONFLICT(kind, name) DO UPDATE SET document = excluded.document",
                 [(k, n, json.dumps(doc, sort_keys=True)) for (k, n), doc in puts],
             )
-            self._db.executemany(
-                "DELETE FROM resources WHERE kind = ? AND name = ?", list(deletes)
-            )
+            self._db.executemany("DELETE FROM resources WHERE kind = ? AND name = ?", list(deletes))
 
     def set_operator_state(self, agent: str, state: OperatorState) -> None:
         with self._tx():
@@ -93,7 +91,9 @@ class SqliteStore:
                 (token_hash, now),
             )
             row = cur.fetchone()
-            self._db.execute("DELETE FROM join_tokens WHERE uses_left <= 0 OR expires_at <= ?", (now,))
+            self._db.execute(
+                "DELETE FROM join_tokens WHERE uses_left <= 0 OR expires_at <= ?", (now,)
+            )
         return str(row[0]) if row else None
 
     def close(self) -> None:

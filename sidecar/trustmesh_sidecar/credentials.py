@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +35,7 @@ from trustmesh.errors import (
 from trustmesh.spiffe_id import SpiffeId, TrustDomain
 from trustmesh.v1 import registry_pb2 as rpb
 from trustmesh.v1 import registry_pb2_grpc as rgrpc
+from trustmesh.v1 import resources_pb2 as pb
 from trustmesh.x509svid import (
     BundleSet,
     TrustBundle,
@@ -61,9 +62,9 @@ def registry_id_for(td: TrustDomain) -> SpiffeId:
     return SpiffeId.parse(f"spiffe://{td}/trustmesh/registry")
 
 
-def bundles_from_pb(bundles: list[rpb.TrustBundle] | object) -> BundleSet:
-    result = BundleSet({})
-    for b in bundles:  # type: ignore[attr-defined]
+def bundles_from_pb(bundles: Iterable[pb.TrustBundle]) -> BundleSet:
+    result = BundleSet()
+    for b in bundles:
         result = result.with_bundle(
             TrustBundle.from_der(TrustDomain.parse(b.trust_domain), list(b.x509_authorities))
         )
@@ -72,8 +73,10 @@ def bundles_from_pb(bundles: list[rpb.TrustBundle] | object) -> BundleSet:
 
 def _rpc_error(what: str, e: grpc.aio.AioRpcError, explain: str | None) -> Exception:
     if explain:
-        return PeerAuthenticationError(f"{what}: {explain}", reason="peer_identity_mismatch"
-                                       if "expected" in explain else "peer_unauthenticated")
+        return PeerAuthenticationError(
+            f"{what}: {explain}",
+            reason="peer_identity_mismatch" if "expected" in explain else "peer_unauthenticated",
+        )
     if e.code() == grpc.StatusCode.PERMISSION_DENIED:
         return BootstrapError(f"{what}: {e.details()}")
     return RegistryUnavailableError(f"{what}: {e.code().name}: {e.details()}")
@@ -107,7 +110,8 @@ class RegistryCredentials:
         self._bundle_file = bundle_file
         self._pin = ca_fingerprint.lower() if ca_fingerprint else None
         self._svid: X509Svid | None = None
-        self._bundles = BundleSet({})
+        self._received_at: datetime | None = None
+        self._bundles = BundleSet()
         self._subscribers: list[Callable[[X509Svid, BundleSet], None]] = []
 
     # -- CredentialSource ---------------------------------------------------------------
@@ -132,6 +136,7 @@ class RegistryCredentials:
         if reused is not None:
             log.info("reusing SVID %s from %s", reused.serial_hex, self._dir)
             self._svid = reused
+            self._received_at = self._clock()
             return reused
         if not self._token:
             raise ConfigError(
@@ -144,11 +149,15 @@ class RegistryCredentials:
             stub = rgrpc.BootstrapStub(await channels.get(self.bootstrap, self.registry_id))
             try:
                 resp = await stub.Join(
-                    rpb.JoinRequest(token=self._token, csr=make_csr(key, self.spiffe_id)), timeout=10
+                    rpb.JoinRequest(token=self._token, csr=make_csr(key, self.spiffe_id)),
+                    timeout=10,
                 )
             except grpc.aio.AioRpcError as e:
-                raise _rpc_error(f"join at {self.bootstrap} failed", e,
-                                 channels.explain(self.bootstrap, self.registry_id)) from e
+                raise _rpc_error(
+                    f"join at {self.bootstrap} failed",
+                    e,
+                    channels.explain(self.bootstrap, self.registry_id),
+                ) from e
         finally:
             await channels.close()
         svid = self._accept(resp, key)
@@ -161,7 +170,7 @@ class RegistryCredentials:
                 data = self._bundle_file.read_bytes()
             except OSError as e:
                 raise ConfigError(f"cannot read trust bundle {self._bundle_file}: {e}") from e
-            return BundleSet({}).with_bundle(TrustBundle.from_pem(self.spiffe_id.trust_domain, data))
+            return BundleSet().with_bundle(TrustBundle.from_pem(self.spiffe_id.trust_domain, data))
         # Pinned CA fingerprint: fetch the bundle unverified, then check it against the pin.
         channels = MeshChannels(lambda: (None, None), directory=self._dir / "bridge-pin")
         try:
@@ -207,21 +216,32 @@ class RegistryCredentials:
             self._bundles = bundles_from_pb(resp.bundles)
         write_private_file(self._dir / "svid.key", svid.key_pem())
         write_public_file(self._dir / "svid.crt", svid.chain_pem())
+        self._received_at = self._clock()
         return svid
 
     # -- renewal -----------------------------------------------------------------------------
 
     def renew_at(self) -> datetime:
+        """Half-way through what was left of the SVID when we got it.
+
+        (Not half of notBefore..notAfter: the CA backdates notBefore for clock skew,
+        which would make a short-lived SVID look half-spent on arrival.)
+        """
         svid, _ = self.current()
-        return svid.not_before + (svid.not_after - svid.not_before) / 2
+        got = self._received_at or self._clock()
+        return got + (svid.not_after - got) / 2
 
     async def renew(self, channels: MeshChannels) -> X509Svid:
         key = generate_key()
         stub = rgrpc.RegistryStub(await channels.get(self.registry, self.registry_id))
         try:
-            resp = await stub.RenewSvid(rpb.RenewSvidRequest(csr=make_csr(key, self.spiffe_id)), timeout=10)
+            resp = await stub.RenewSvid(
+                rpb.RenewSvidRequest(csr=make_csr(key, self.spiffe_id)), timeout=10
+            )
         except grpc.aio.AioRpcError as e:
-            raise _rpc_error("SVID renewal failed", e, channels.explain(self.registry, self.registry_id)) from e
+            raise _rpc_error(
+                "SVID renewal failed", e, channels.explain(self.registry, self.registry_id)
+            ) from e
         svid = self._accept(resp, key)
         self._svid = svid
         for callback in list(self._subscribers):

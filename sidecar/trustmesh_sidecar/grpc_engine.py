@@ -21,8 +21,8 @@ from typing import Any
 import grpc
 
 from trustmesh.errors import Code, format_details
-from trustmesh.grpc_tls import ServerCredentials, channel_options, peer_chain, server_options
 from trustmesh.grpc_status import from_grpc, to_grpc
+from trustmesh.grpc_tls import ServerCredentials, channel_options, peer_chain, server_options
 from trustmesh.limits import DEFAULT_LIMITS, Limits
 from trustmesh.tls_bridge import TlsBridge
 from trustmesh.x509svid import BundleSet, X509Svid
@@ -128,7 +128,9 @@ class GrpcEngine:
 
     async def channel(self, upstream: Upstream) -> grpc.aio.Channel:
         held = self._channels.get(upstream)
-        if held is not None and (upstream.expected_id is None or held.generation == self._generation):
+        if held is not None and (
+            upstream.expected_id is None or held.generation == self._generation
+        ):
             return held.channel
         if upstream.expected_id is None:
             target = upstream.address
@@ -162,14 +164,14 @@ def _with_port(address: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-class _Handler(grpc.GenericRpcHandler):
+class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]
     def __init__(self, engine: GrpcEngine, router: CallRouter, *, inbound: bool) -> None:
         self._engine = engine
         self._router = router
         self._inbound = inbound
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
 
         async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
             await _forward(self._engine, self._router, self._inbound, method, requests, context)
@@ -229,7 +231,11 @@ async def _pump(
                 await context.send_initial_metadata(observer.response_headers(tuple(initial)))
             async for message in call:
                 await context.write(message)
-            return from_grpc(await call.code()), await call.details() or "", await call.trailing_metadata() or ()
+            return (
+                from_grpc(await call.code()),
+                await call.details() or "",
+                await call.trailing_metadata() or (),
+            )
         except grpc.aio.AioRpcError as e:
             return from_grpc(e.code()), e.details() or "", e.trailing_metadata() or ()
 

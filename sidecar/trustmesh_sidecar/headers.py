@@ -32,15 +32,27 @@ PREFIX = "trustmesh-"
 TARGET = "trustmesh-target"
 CALLER = "trustmesh-caller"
 DELEGATION = "trustmesh-delegation-bin"
-USER_TOKEN = "trustmesh-user-token"
+USER_TOKEN = "trustmesh-user-token"  # noqa: S105 (a header name)
 
 # Set by grpc itself; forwarding them as metadata would be rejected or wrong.
 _TRANSPORT = frozenset(
     {
-        "content-type", "te", "user-agent", "host", "grpc-timeout", "grpc-encoding",
-        "grpc-accept-encoding", "grpc-status", "grpc-message", "grpc-status-details-bin",
-        "grpc-previous-rpc-attempts", "grpc-retry-pushback-ms", "grpc-tags-bin",
-        "grpc-trace-bin", "accept-encoding", "content-length",
+        "content-type",
+        "te",
+        "user-agent",
+        "host",
+        "grpc-timeout",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        "grpc-previous-rpc-attempts",
+        "grpc-retry-pushback-ms",
+        "grpc-tags-bin",
+        "grpc-trace-bin",
+        "accept-encoding",
+        "content-length",
     }
 )
 
@@ -58,7 +70,11 @@ def value_of(headers: Iterable[Header], key: str) -> str | bytes | None:
 
 def strip_reserved(headers: Iterable[Header]) -> list[Header]:
     """Drop every trustmesh-* key (any case) and transport headers."""
-    return [(k, v) for k, v in headers if not k.lower().startswith(PREFIX) and not _is_transport(k.lower())]
+    return [
+        (k, v)
+        for k, v in headers
+        if not k.lower().startswith(PREFIX) and not _is_transport(k.lower())
+    ]
 
 
 def for_peer(agent_headers: Headers) -> list[Header]:

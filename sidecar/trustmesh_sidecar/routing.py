@@ -96,9 +96,7 @@ class _SpanObserver:
             self._on_end()
 
 
-def _start_span(
-    tracer: trace.Tracer, kind: SpanKind, call: CallStart, side: str
-) -> trace.Span:
+def _start_span(tracer: trace.Tracer, kind: SpanKind, call: CallStart, side: str) -> trace.Span:
     service, method = split_method(call.method)
     return tracer.start_span(
         call.method.lstrip("/") or "unknown",
@@ -159,7 +157,11 @@ class InboundRouter:
         try:
             caller = state.verifier.verify(call.peer_chain, now=now, role="client")
         except PeerAuthenticationError as e:
-            reason = Reason(e.reason) if e.reason in Reason._value2member_map_ else Reason.PEER_UNAUTHENTICATED
+            reason = (
+                Reason(e.reason)
+                if e.reason in Reason._value2member_map_
+                else Reason.PEER_UNAUTHENTICATED
+            )
             decision = Decision.deny(reason, e.message)
             _audit("inbound", "", me, call.method, decision)
             return _deny(span, decision, state)
@@ -176,8 +178,11 @@ class InboundRouter:
         key = next(self._ids)
         self._open[key] = _Open(caller, call.method, control, span)
         headers = inject_context(hdr.for_app(call.headers, str(caller)), span)
-        observer = _SpanObserver(span, lambda: self._open.pop(key, None))
+        observer = _SpanObserver(span, lambda: self._close(key))
         return Forward(self._app, tuple(headers), observer)
+
+    def _close(self, key: int) -> None:
+        self._open.pop(key, None)
 
     def _decide(self, caller: SpiffeId, method: str) -> Decision:
         state = self._state
@@ -199,7 +204,9 @@ class InboundRouter:
         state = self._state
         now = state.now()
         for key, entry in list(self._open.items()):
-            decision = authorize(entry.caller, state.spiffe_id, entry.method, state.snapshot, now=now)
+            decision = authorize(
+                entry.caller, state.spiffe_id, entry.method, state.snapshot, now=now
+            )
             if not decision.allowed:
                 _audit("inbound", str(entry.caller), str(state.spiffe_id), entry.method, decision)
                 state.counters.denied += 1
@@ -235,7 +242,9 @@ class OutboundRouter:
         if not isinstance(target, str) or not target:
             decision = Decision.deny(Reason.MISSING_TARGET, f"set the {hdr.TARGET} metadata")
         elif not _METHOD.match(call.method):
-            decision = Decision.deny(Reason.BAD_METHOD, f"malformed method path {call.method[:128]!r}")
+            decision = Decision.deny(
+                Reason.BAD_METHOD, f"malformed method path {call.method[:128]!r}"
+            )
         elif not state.synced:
             decision = Decision.deny(Reason.NO_SNAPSHOT, "the sidecar has no registry snapshot yet")
         if decision is not None:

@@ -62,11 +62,13 @@ class SidecarConfig:
         return f"{host}:{int(port) + 1}"
 
 
-class _Admin(sgrpc.SidecarAdminServicer):
+class _Admin(sgrpc.SidecarAdminServicer):  # type: ignore[misc]
     def __init__(self, sidecar: Sidecar) -> None:
         self._sidecar = sidecar
 
-    async def Status(self, request: spb.StatusRequest, context: grpc.aio.ServicerContext) -> spb.StatusResponse:
+    async def Status(
+        self, request: spb.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> spb.StatusResponse:
         s = self._sidecar
         st = s.state
         assert st is not None
@@ -135,8 +137,11 @@ class Sidecar:
         self.state = state
         engine = GrpcEngine(svid, bundles, limits=cfg.limits, bridge_dir=cfg.data_dir / "bridge")
         self.engine = engine
-        self._channels = MeshChannels(lambda: (state.svid, state.bundles), limits=cfg.limits,
-                                      directory=cfg.data_dir / "bridge-registry")
+        self._channels = MeshChannels(
+            lambda: (state.svid, state.bundles),
+            limits=cfg.limits,
+            directory=cfg.data_dir / "bridge-registry",
+        )
         self.inbound = InboundRouter(state, cfg.app, self.tracer, limits=cfg.limits)
         outbound = OutboundRouter(state, self.tracer, engine.explain)
         self.inbound_address, self.outbound_address = await engine.start(
@@ -153,7 +158,8 @@ class Sidecar:
         self._tasks = [
             loop.create_task(
                 watch_forever(
-                    state, self._channels,
+                    state,
+                    self._channels,
                     registry=cfg.registry,
                     registry_id=self.credentials.registry_id,
                     instance_id=uuid.uuid4().hex[:16],
@@ -162,8 +168,13 @@ class Sidecar:
             ),
             loop.create_task(self.credentials.renew_forever(self._channels)),
         ]
-        log.info("sidecar %s: outbound %s, inbound %s, admin %s", cfg.spiffe_id,
-                 self.outbound_address, self.inbound_address, self.admin_address)
+        log.info(
+            "sidecar %s: outbound %s, inbound %s, admin %s",
+            cfg.spiffe_id,
+            self.outbound_address,
+            self.inbound_address,
+            self.admin_address,
+        )
 
     def _credentials_changed(self, svid: X509Svid, bundles: BundleSet) -> None:
         if self.engine is not None:
@@ -178,7 +189,11 @@ class Sidecar:
         asyncio.get_running_loop().create_task(self._set_health(ready))
 
     async def _set_health(self, ready: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         await self._health.set("", status)
         await self._health.set("trustmesh.v1.Sidecar", status)
 

@@ -93,9 +93,8 @@ class SidecarState:
 
 
 def _bundles_from(snapshot: Snapshot) -> BundleSet:
-    result = BundleSet({})
+    result = BundleSet()
     for td, ders in snapshot.bundles().items():
         if ders:
             result = result.with_bundle(TrustBundle.from_der(TrustDomain.parse(td), ders))
     return result
-

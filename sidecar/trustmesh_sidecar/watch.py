@@ -55,7 +55,10 @@ async def watch_forever(
                 if not state.snapshot.apply(update):
                     log.info(
                         "update %s/%s does not follow %s/%s; resyncing",
-                        update.epoch[:8], update.revision, snapshot.epoch[:8], snapshot.revision,
+                        update.epoch[:8],
+                        update.revision,
+                        snapshot.epoch[:8],
+                        snapshot.revision,
                     )
                     call.cancel()
                     break
@@ -65,8 +68,11 @@ async def watch_forever(
         except grpc.aio.AioRpcError as e:
             if state.registry_connected or backoff >= max_backoff:
                 reason = channels.explain(registry, registry_id) or e.details()
-                log.warning("registry watch failed (%s: %s); keeping the last snapshot",
-                            e.code().name, reason)
+                log.warning(
+                    "registry watch failed (%s: %s); keeping the last snapshot",
+                    e.code().name,
+                    reason,
+                )
         state.registry_connected = False
         await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311
         backoff = min(backoff * 2, max_backoff)

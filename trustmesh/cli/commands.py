@@ -21,14 +21,18 @@ import grpc
 import yaml
 
 from trustmesh.client_config import default_config_path
-from trustmesh.operator_client import OperatorClient
 from trustmesh.errors import ConfigError, RegistryUnavailableError
 from trustmesh.manifest import parse_sourced, to_document
+from trustmesh.operator_client import OperatorClient
 from trustmesh.spiffe_id import SpiffeId, TrustDomain
 from trustmesh.v1 import registry_pb2 as rpb
-from trustmesh.v1 import registry_pb2_grpc as rgrpc
-from trustmesh.x509svid import X509Svid, generate_key, make_csr
-from trustmesh.x509svid import write_private_file, write_public_file
+from trustmesh.x509svid import (
+    X509Svid,
+    generate_key,
+    make_csr,
+    write_private_file,
+    write_public_file,
+)
 
 __all__ = ["dispatch", "parse_duration"]
 
@@ -39,7 +43,9 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 def parse_duration(text: str) -> timedelta:
     m = _DURATION.match(text.strip())
     if not m:
-        raise ConfigError(f"bad duration {text!r}: use a number and a unit, like 90s, 30m, 1h or 7d")
+        raise ConfigError(
+            f"bad duration {text!r}: use a number and a unit, like 90s, 30m, 1h or 7d"
+        )
     return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
 
 
@@ -51,7 +57,9 @@ def _client(args: argparse.Namespace) -> OperatorClient:
     if args.credentials:
         if not args.trust_bundle or not args.registry:
             raise ConfigError("--credentials needs --trust-bundle and --registry too")
-        return OperatorClient.from_pem(Path(args.credentials), Path(args.trust_bundle), args.registry)
+        return OperatorClient.from_pem(
+            Path(args.credentials), Path(args.trust_bundle), args.registry
+        )
     path = Path(args.config) if args.config else default_config_path()
     return OperatorClient.from_config(path, registry=args.registry)
 
@@ -86,19 +94,34 @@ def cmd_apply(args: argparse.Namespace) -> int:
         except OSError as e:
             raise ConfigError(f"cannot read {name}: {e.strerror}") from e
         for doc in parse_sourced(text, "stdin" if name == "-" else name):
-            documents.append(rpb.ManifestDocument(source=doc.source, json=json.dumps(to_document(doc.resource), default=str)))
+            documents.append(
+                rpb.ManifestDocument(
+                    source=doc.source, json=json.dumps(to_document(doc.resource), default=str)
+                )
+            )
     client = _client(args)
-    resp = asyncio.run(client.call(lambda s: s.Apply(rpb.ApplyRequest(documents=documents, dry_run=args.dry_run),
-                                                     timeout=30)))
+    resp = asyncio.run(
+        client.call(
+            lambda s: s.Apply(
+                rpb.ApplyRequest(documents=documents, dry_run=args.dry_run), timeout=30
+            )
+        )
+    )
     suffix = " (dry run)" if args.dry_run else ""
-    _print([f"{line}{suffix}" for line in resp.applied] if args.output == "text"
-           else {"applied": list(resp.applied), "revision": resp.revision}, args.output)
+    _print(
+        [f"{line}{suffix}" for line in resp.applied]
+        if args.output == "text"
+        else {"applied": list(resp.applied), "revision": resp.revision},
+        args.output,
+    )
     return 0
 
 
 def cmd_get(args: argparse.Namespace) -> int:
     client = _client(args)
-    resp = asyncio.run(client.call(lambda s: s.Get(rpb.GetRequest(kind=args.kind, name=args.name), timeout=30)))
+    resp = asyncio.run(
+        client.call(lambda s: s.Get(rpb.GetRequest(kind=args.kind, name=args.name), timeout=30))
+    )
     docs = [json.loads(j) for j in resp.json]
     if args.output != "text":
         _print(docs if not args.name else docs[0], args.output)
@@ -106,7 +129,11 @@ def cmd_get(args: argparse.Namespace) -> int:
     rows = [("KIND", "NAME", "DETAIL")]
     for d in docs:
         spec, status = d.get("spec", {}), d.get("status", {})
-        detail = spec.get("spiffeId", "") or spec.get("description", "") or ",".join(spec.get("methods", []))
+        detail = (
+            spec.get("spiffeId", "")
+            or spec.get("description", "")
+            or ",".join(spec.get("methods", []))
+        )
         if status:
             detail += f"  {status.get('state')}  endpoints={len(status.get('endpoints', []))}"
         rows.append((d["kind"], d["metadata"]["name"], detail))
@@ -118,7 +145,11 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     client = _client(args)
-    asyncio.run(client.call(lambda s: s.Delete(rpb.DeleteRequest(kind=args.kind, name=args.name), timeout=30)))
+    asyncio.run(
+        client.call(
+            lambda s: s.Delete(rpb.DeleteRequest(kind=args.kind, name=args.name), timeout=30)
+        )
+    )
     print(f"{args.kind}/{args.name} deleted")
     return 0
 
@@ -127,11 +158,14 @@ def cmd_token(args: argparse.Namespace) -> int:
     spiffe_id = SpiffeId.parse(args.spiffe_id)
     ttl = parse_duration(args.ttl)
     client = _client(args)
-    req = rpb.CreateJoinTokenRequest(spiffe_id=str(spiffe_id), ttl_seconds=int(ttl.total_seconds()),
-                                     uses=args.uses)
+    req = rpb.CreateJoinTokenRequest(
+        spiffe_id=str(spiffe_id), ttl_seconds=int(ttl.total_seconds()), uses=args.uses
+    )
     resp = asyncio.run(client.call(lambda s: s.CreateJoinToken(req, timeout=30)))
     if args.output == "json":
-        _print({"token": resp.token, "expiresAt": resp.expires_at, "spiffeId": str(spiffe_id)}, "json")
+        _print(
+            {"token": resp.token, "expiresAt": resp.expires_at, "spiffeId": str(spiffe_id)}, "json"
+        )
     else:
         print(resp.token)
     return 0
@@ -140,8 +174,9 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     disabled = args.agent_command == "disable"
     client = _client(args)
-    req = rpb.SetAgentStateRequest(agent=args.agent, disabled=disabled,
-                                   reason=getattr(args, "reason", "") or "")
+    req = rpb.SetAgentStateRequest(
+        agent=args.agent, disabled=disabled, reason=getattr(args, "reason", "") or ""
+    )
     resp = asyncio.run(client.call(lambda s: s.SetAgentState(req, timeout=30)))
     print(f"agent {args.agent} {'disabled' if disabled else 'enabled'} (revision {resp.revision})")
     return 0
@@ -153,11 +188,15 @@ def cmd_operator_renew(args: argparse.Namespace) -> int:
         raise ConfigError("operator renew writes the files named by a client config; pass --config")
     key = generate_key()
     csr = make_csr(key, client.svid.spiffe_id)
-    resp = asyncio.run(client.call(lambda s: s.RenewSvid(rpb.RenewSvidRequest(csr=csr), timeout=30)))
+    resp = asyncio.run(
+        client.call(lambda s: s.RenewSvid(rpb.RenewSvidRequest(csr=csr), timeout=30))
+    )
     svid = X509Svid.from_der(list(resp.cert_chain), key)
     write_private_file(client.config.key, svid.key_pem())
     write_public_file(client.config.certificate, svid.chain_pem())
-    print(f"renewed {svid.spiffe_id}: serial {svid.serial_hex}, expires {svid.not_after:%Y-%m-%d %H:%M}Z")
+    print(
+        f"renewed {svid.spiffe_id}: serial {svid.serial_hex}, expires {svid.not_after:%Y-%m-%d %H:%M}Z"
+    )
     return 0
 
 
@@ -170,7 +209,9 @@ def cmd_registry_init(args: argparse.Namespace) -> int:
     print(f"initialised trust domain {td} in {data}")
     print(f"  CA fingerprint: {_fingerprint(cfg.bundle)}")
     print(f"  operator credential: {cfg.certificate}")
-    print(f"  client config: {data / 'config.yaml'}  (export TRUSTMESH_CONFIG={data / 'config.yaml'})")
+    print(
+        f"  client config: {data / 'config.yaml'}  (export TRUSTMESH_CONFIG={data / 'config.yaml'})"
+    )
     return 0
 
 
@@ -182,7 +223,9 @@ def _fingerprint(bundle: Path) -> str:
     return ca_fingerprint(x509.load_pem_x509_certificates(bundle.read_bytes())[0])
 
 
-def _run_until_signal(start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]) -> int:
+def _run_until_signal(
+    start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]
+) -> int:
     async def body() -> None:
         done = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -204,14 +247,20 @@ def cmd_registry_serve(args: argparse.Namespace) -> int:
     from trustmesh.telemetry import configure_tracing
 
     configure_tracing("trustmesh-registry")
-    config = ServeConfig(Path(args.data_dir), listen=args.listen, bootstrap_listen=args.bootstrap_listen,
-                         svid_ttl=parse_duration(args.svid_ttl))
+    config = ServeConfig(
+        Path(args.data_dir),
+        listen=args.listen,
+        bootstrap_listen=args.bootstrap_listen,
+        svid_ttl=parse_duration(args.svid_ttl),
+    )
     server = RegistryServer(config)
 
     async def start() -> None:
         await server.start()
-        print(f"registry serving on {server.address} (mTLS) and {server.bootstrap_address} (bootstrap)",
-              flush=True)
+        print(
+            f"registry serving on {server.address} (mTLS) and {server.bootstrap_address} (bootstrap)",
+            flush=True,
+        )
 
     return _run_until_signal(start, server.stop)
 
@@ -221,10 +270,15 @@ def cmd_sidecar_run(args: argparse.Namespace) -> int:
 
     from trustmesh.telemetry import configure_tracing
 
-    missing = [f"--{f.replace('_', '-')}" for f in ("spiffe_id", "registry", "app", "data_dir")
-               if not getattr(args, f)]
+    missing = [
+        f"--{f.replace('_', '-')}"
+        for f in ("spiffe_id", "registry", "app", "data_dir")
+        if not getattr(args, f)
+    ]
     if missing:
-        raise ConfigError(f"sidecar run needs {', '.join(missing)} (or their TRUSTMESH_* variables)")
+        raise ConfigError(
+            f"sidecar run needs {', '.join(missing)} (or their TRUSTMESH_* variables)"
+        )
     provider = configure_tracing(f"trustmesh-sidecar {args.spiffe_id}")
     config = SidecarConfig(
         spiffe_id=SpiffeId.parse(args.spiffe_id),
@@ -244,8 +298,11 @@ def cmd_sidecar_run(args: argparse.Namespace) -> int:
 
     async def start() -> None:
         await sidecar.start()
-        print(f"sidecar {config.spiffe_id} outbound={sidecar.outbound_address} "
-              f"inbound={sidecar.inbound_address} admin={sidecar.admin_address}", flush=True)
+        print(
+            f"sidecar {config.spiffe_id} outbound={sidecar.outbound_address} "
+            f"inbound={sidecar.inbound_address} admin={sidecar.admin_address}",
+            flush=True,
+        )
 
     async def stop() -> None:
         await sidecar.stop()
@@ -263,9 +320,14 @@ def cmd_sidecar_status(args: argparse.Namespace) -> int:
     async def ask() -> spb.StatusResponse:
         async with grpc.aio.insecure_channel(args.admin) as channel:
             try:
-                return await sgrpc.SidecarAdminStub(channel).Status(spb.StatusRequest(), timeout=5)
+                status: spb.StatusResponse = await sgrpc.SidecarAdminStub(channel).Status(
+                    spb.StatusRequest(), timeout=5
+                )
+                return status
             except grpc.aio.AioRpcError as e:
-                raise RegistryUnavailableError(f"no sidecar admin API at {args.admin}: {e.code().name}") from e
+                raise RegistryUnavailableError(
+                    f"no sidecar admin API at {args.admin}: {e.code().name}"
+                ) from e
 
     status = asyncio.run(ask())
     data = MessageToDict(status, preserving_proto_field_name=True)
@@ -286,11 +348,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def dispatch(args: argparse.Namespace) -> int:
     command = args.command
     if command == "registry":
-        return cmd_registry_init(args) if args.registry_command == "init" else cmd_registry_serve(args)
+        return (
+            cmd_registry_init(args) if args.registry_command == "init" else cmd_registry_serve(args)
+        )
     if command == "sidecar":
         return cmd_sidecar_run(args) if args.sidecar_command == "run" else cmd_sidecar_status(args)
     table: dict[str, Callable[[argparse.Namespace], int]] = {
-        "apply": cmd_apply, "get": cmd_get, "delete": cmd_delete, "token": cmd_token,
-        "agent": cmd_agent, "operator": cmd_operator_renew, "demo": cmd_demo,
+        "apply": cmd_apply,
+        "get": cmd_get,
+        "delete": cmd_delete,
+        "token": cmd_token,
+        "agent": cmd_agent,
+        "operator": cmd_operator_renew,
+        "demo": cmd_demo,
     }
     return table[command](args)

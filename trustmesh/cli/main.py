@@ -23,8 +23,10 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="client config file (default: $TRUSTMESH_CONFIG or "
-                   "~/.config/trustmesh/config.yaml)")
+    p.add_argument(
+        "--config",
+        help="client config file (default: $TRUSTMESH_CONFIG or ~/.config/trustmesh/config.yaml)",
+    )
     p.add_argument("--registry", help="registry mTLS address, overriding the config")
     p.add_argument("--credentials", help="PEM file with the operator certificate chain and key")
     p.add_argument("--trust-bundle", help="PEM trust bundle, with --credentials")
@@ -42,18 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
     init = rsub.add_parser("init", help="create the CA, bundle, operator credential and config")
     init.add_argument("--data-dir", required=True)
     init.add_argument("--trust-domain", required=True)
-    init.add_argument("--registry", default="127.0.0.1:8443",
-                      help="the address clients will use for the registry")
+    init.add_argument(
+        "--registry", default="127.0.0.1:8443", help="the address clients will use for the registry"
+    )
     serve = rsub.add_parser("serve", help="serve the registry")
-    serve.add_argument("--data-dir", default=_env("TRUSTMESH_DATA_DIR"), required=not _env("TRUSTMESH_DATA_DIR"))
+    serve.add_argument(
+        "--data-dir", default=_env("TRUSTMESH_DATA_DIR"), required=not _env("TRUSTMESH_DATA_DIR")
+    )
     serve.add_argument("--listen", default=_env("TRUSTMESH_LISTEN", "127.0.0.1:8443"))
-    serve.add_argument("--bootstrap-listen", default=_env("TRUSTMESH_BOOTSTRAP_LISTEN", "127.0.0.1:8444"))
+    serve.add_argument(
+        "--bootstrap-listen", default=_env("TRUSTMESH_BOOTSTRAP_LISTEN", "127.0.0.1:8444")
+    )
     serve.add_argument("--svid-ttl", default=_env("TRUSTMESH_SVID_TTL", "1h"))
 
     # resources
     apply = sub.add_parser("apply", help="create or update resources from YAML")
-    apply.add_argument("-f", "--filename", action="append", required=True,
-                       help="YAML file (repeatable; - for stdin)")
+    apply.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        help="YAML file (repeatable; - for stdin)",
+    )
     apply.add_argument("--dry-run", action="store_true")
     _add_client_flags(apply)
     get = sub.add_parser("get", help="show resources")
@@ -70,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     tcreate = tsub.add_parser("create", help="create a join token bound to a SPIFFE ID")
     tcreate.add_argument("spiffe_id")
     tcreate.add_argument("--ttl", default="1h", help="e.g. 30m, 1h, 7d")
-    tcreate.add_argument("--uses", type=int, default=1, help="N > 1 lets replicas and restarts join")
+    tcreate.add_argument(
+        "--uses", type=int, default=1, help="N > 1 lets replicas and restarts join"
+    )
     _add_client_flags(tcreate)
 
     agent = sub.add_parser("agent", help="operator state of an agent")
@@ -94,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, env, default, help_ in [
         ("--spiffe-id", "TRUSTMESH_SPIFFE_ID", None, "the agent's identity"),
         ("--registry", "TRUSTMESH_REGISTRY", None, "the registry's mTLS address"),
-        ("--registry-bootstrap", "TRUSTMESH_REGISTRY_BOOTSTRAP", "",
-         "the registry's bootstrap address (default: port after --registry)"),
+        (
+            "--registry-bootstrap",
+            "TRUSTMESH_REGISTRY_BOOTSTRAP",
+            "",
+            "the registry's bootstrap address (default: port after --registry)",
+        ),
         ("--join-token", "TRUSTMESH_JOIN_TOKEN", None, "the bootstrap token"),
         ("--trust-bundle", "TRUSTMESH_TRUST_BUNDLE", None, "PEM bundle to trust the registry"),
         ("--ca-fingerprint", "TRUSTMESH_CA_FINGERPRINT", None, "or a pinned CA fingerprint"),

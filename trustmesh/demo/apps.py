@@ -93,24 +93,39 @@ class AgentApp:
         md = self._note(context)
         task = json.loads(request)
         tp = md.get("traceparent")
-        plan = await call_through(self.outbound, "planner", "/demo.Planner/Plan", task, traceparent=tp)
-        steps = await call_through(self.outbound, "planner", "/demo.Planner/StreamPlan", task,
-                                   traceparent=tp, stream=True)
+        plan = await call_through(
+            self.outbound, "planner", "/demo.Planner/Plan", task, traceparent=tp
+        )
+        steps = await call_through(
+            self.outbound, "planner", "/demo.Planner/StreamPlan", task, traceparent=tp, stream=True
+        )
         return json.dumps({"plan": plan, "steps": steps}).encode()
 
     async def _shortcut(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         md = self._note(context)
-        result = await call_through(self.outbound, "tool", "/demo.Tool/Invoke", json.loads(request),
-                                    traceparent=md.get("traceparent"))
+        result = await call_through(
+            self.outbound,
+            "tool",
+            "/demo.Tool/Invoke",
+            json.loads(request),
+            traceparent=md.get("traceparent"),
+        )
         return json.dumps(result).encode()
 
     async def _plan(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         md = self._note(context)
-        tool = await call_through(self.outbound, "tool", "/demo.Tool/Invoke", json.loads(request),
-                                  traceparent=md.get("traceparent"))
+        tool = await call_through(
+            self.outbound,
+            "tool",
+            "/demo.Tool/Invoke",
+            json.loads(request),
+            traceparent=md.get("traceparent"),
+        )
         return json.dumps({"planner": "ok", "tool": tool}).encode()
 
-    async def _stream_plan(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def _stream_plan(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         self._note(context)
         for i in range(3):
             yield json.dumps({"step": i + 1, "of": 3}).encode()

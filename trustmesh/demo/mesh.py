@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,6 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from trustmesh.operator_client import OperatorClient
 from trustmesh.spiffe_id import SpiffeId, TrustDomain
 from trustmesh.v1 import registry_pb2 as rpb
+
+if TYPE_CHECKING:
+    from trustmesh_registry.server import RegistryServer
 
 __all__ = ["LocalMesh", "SidecarProcess"]
 
@@ -64,7 +68,7 @@ class LocalMesh:
         self.svid_ttl_s = svid_ttl_s
         self.extra_env = extra_env or {}
         self.sidecars: dict[str, SidecarProcess] = {}
-        self.registry = None  # RegistryServer, typed loosely to keep the import lazy
+        self.registry: RegistryServer | None = None
         self.operator: OperatorClient | None = None
 
     def spiffe_id(self, name: str) -> SpiffeId:
@@ -79,8 +83,12 @@ class LocalMesh:
         data = self.root / "registry"
         DataDir(data).init(self.td, now=datetime.now(UTC), registry_address="127.0.0.1:0")
         server = RegistryServer(
-            ServeConfig(data, listen="127.0.0.1:0", bootstrap_listen="127.0.0.1:0",
-                        svid_ttl=timedelta(seconds=self.svid_ttl_s))
+            ServeConfig(
+                data,
+                listen="127.0.0.1:0",
+                bootstrap_listen="127.0.0.1:0",
+                svid_ttl=timedelta(seconds=self.svid_ttl_s),
+            )
         )
         await server.start()
         self.registry = server
@@ -93,23 +101,30 @@ class LocalMesh:
 
     async def apply(self, documents: list[rpb.ManifestDocument]) -> list[str]:
         assert self.operator is not None
-        resp = await self.operator.call(lambda s: s.Apply(rpb.ApplyRequest(documents=documents), timeout=10))
+        resp = await self.operator.call(
+            lambda s: s.Apply(rpb.ApplyRequest(documents=documents), timeout=10)
+        )
         return list(resp.applied)
 
     async def token(self, spiffe_id: SpiffeId, uses: int = 1) -> str:
         assert self.operator is not None
         req = rpb.CreateJoinTokenRequest(spiffe_id=str(spiffe_id), ttl_seconds=600, uses=uses)
         resp = await self.operator.call(lambda s: s.CreateJoinToken(req, timeout=10))
-        return resp.token
+        return str(resp.token)
 
     async def set_disabled(self, agent: str, disabled: bool, reason: str = "") -> int:
         assert self.operator is not None
         req = rpb.SetAgentStateRequest(agent=agent, disabled=disabled, reason=reason)
         resp = await self.operator.call(lambda s: s.SetAgentState(req, timeout=10))
-        return resp.revision
+        return int(resp.revision)
 
     async def start_sidecar(
-        self, name: str, app: str, *, spiffe_id: SpiffeId | None = None, token: str | None = None,
+        self,
+        name: str,
+        app: str,
+        *,
+        spiffe_id: SpiffeId | None = None,
+        token: str | None = None,
         ready_timeout: float = 20.0,
     ) -> SidecarProcess:
         assert self.registry is not None
@@ -141,8 +156,14 @@ class LocalMesh:
             env["OTEL_TRACES_EXPORTER"] = "none"
         env.update(self.extra_env)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "trustmesh", "sidecar", "run",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+            sys.executable,
+            "-m",
+            "trustmesh",
+            "sidecar",
+            "run",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
         )
         sc = SidecarProcess(name, sid, proc)
         self.sidecars[name] = sc
@@ -164,7 +185,11 @@ class LocalMesh:
             sc.output.append(text)
             if text.startswith("sidecar ") and "outbound=" in text:
                 parts = dict(p.split("=", 1) for p in text.split() if "=" in p)
-                sc.outbound, sc.inbound, sc.admin = parts["outbound"], parts["inbound"], parts["admin"]
+                sc.outbound, sc.inbound, sc.admin = (
+                    parts["outbound"],
+                    parts["inbound"],
+                    parts["admin"],
+                )
                 asyncio.get_running_loop().create_task(self._drain(sc))
                 return
 
@@ -185,7 +210,9 @@ class LocalMesh:
                     if resp.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 if asyncio.get_running_loop().time() > deadline:
-                    raise TimeoutError(f"sidecar {sc.name} not SERVING:\n" + "\n".join(sc.output[-20:]))
+                    raise TimeoutError(
+                        f"sidecar {sc.name} not SERVING:\n" + "\n".join(sc.output[-20:])
+                    )
                 await asyncio.sleep(0.05)
 
     async def stop(self) -> None:

@@ -42,7 +42,7 @@ def _value(v: common_pb2.AnyValue) -> Any:
     return getattr(v, which) if which else None
 
 
-class _Servicer(tgrpc.TraceServiceServicer):
+class _Servicer(tgrpc.TraceServiceServicer):  # type: ignore[misc]
     def __init__(self, sink: list[ReceivedSpan]) -> None:
         self._sink = sink
 

@@ -24,9 +24,11 @@ def call_rows(spans: list[ReceivedSpan]) -> list[dict[str, str]]:
         rows.append(
             {
                 "caller": _short(client.attributes.get("trustmesh.caller.spiffe_id")),
-                "callee": _short(decided.attributes.get("trustmesh.callee.spiffe_id")
-                                 or client.attributes.get("trustmesh.callee.spiffe_id")
-                                 or client.attributes.get("trustmesh.target")),
+                "callee": _short(
+                    decided.attributes.get("trustmesh.callee.spiffe_id")
+                    or client.attributes.get("trustmesh.callee.spiffe_id")
+                    or client.attributes.get("trustmesh.target")
+                ),
                 "method": "/" + client.name,
                 "decision": str(decided.attributes.get("trustmesh.decision", "?")),
                 "reason": str(decided.attributes.get("trustmesh.reason", "?")),
@@ -39,11 +41,23 @@ def call_rows(spans: list[ReceivedSpan]) -> list[dict[str, str]]:
 
 def render_table(spans: list[ReceivedSpan]) -> str:
     rows = call_rows(spans)
-    head = {"caller": "CALLER", "callee": "CALLEE", "method": "METHOD", "decision": "DECISION",
-            "reason": "REASON", "decided_by": "DECIDED BY", "latency": "LATENCY"}
+    head = {
+        "caller": "CALLER",
+        "callee": "CALLEE",
+        "method": "METHOD",
+        "decision": "DECISION",
+        "reason": "REASON",
+        "decided_by": "DECIDED BY",
+        "latency": "LATENCY",
+    }
     cols = list(head)
-    widths = {c: max(len(head[c]), *(len(r[c]) for r in rows)) if rows else len(head[c]) for c in cols}
-    lines = ["calls (from exported spans):", "  " + "  ".join(head[c].ljust(widths[c]) for c in cols)]
+    widths = {
+        c: max(len(head[c]), *(len(r[c]) for r in rows)) if rows else len(head[c]) for c in cols
+    }
+    lines = [
+        "calls (from exported spans):",
+        "  " + "  ".join(head[c].ljust(widths[c]) for c in cols),
+    ]
     lines += ["  " + "  ".join(r[c].ljust(widths[c]) for c in cols) for r in rows]
     return "\n".join(lines)
 
@@ -54,7 +68,16 @@ def _label(s: ReceivedSpan) -> str:
     callee = a.get("trustmesh.callee.spiffe_id") or a.get("trustmesh.target")
     who = _short(a.get("trustmesh.caller.spiffe_id")) + " -> " + _short(callee)
     verdict = f"{a.get('trustmesh.decision', '?')} ({a.get('trustmesh.reason', '?')})"
-    return f"[{side}@{s.service.removeprefix('sidecar-')}] /{s.name}  {who}  {verdict}  {s.duration_ms:.1f} ms"
+    where = s.service.removeprefix("sidecar-")
+    return f"[{side}@{where}] /{s.name}  {who}  {verdict}  {s.duration_ms:.1f} ms"
+
+
+def _walk(
+    children: dict[str, list[ReceivedSpan]], parent: str, depth: int, lines: list[str]
+) -> None:
+    for s in sorted(children.get(parent, []), key=lambda x: x.start_ns):
+        lines.append("    " + "  " * depth + "└─ " + _label(s))
+        _walk(children, s.span_id, depth + 1, lines)
 
 
 def render_tree(spans: list[ReceivedSpan]) -> str:
@@ -62,17 +85,14 @@ def render_tree(spans: list[ReceivedSpan]) -> str:
     for s in spans:
         by_trace[s.trace_id].append(s)
     lines = ["traces (from exported spans):"]
-    for trace_id, members in sorted(by_trace.items(), key=lambda kv: min(s.start_ns for s in kv[1])):
+    for trace_id, members in sorted(
+        by_trace.items(), key=lambda kv: min(s.start_ns for s in kv[1])
+    ):
         ids = {s.span_id for s in members}
         children: dict[str, list[ReceivedSpan]] = defaultdict(list)
         for s in members:
             children[s.parent_span_id if s.parent_span_id in ids else ""].append(s)
         lines.append(f"  trace {trace_id[:16]}")
 
-        def walk(parent: str, depth: int) -> None:
-            for s in sorted(children.get(parent, []), key=lambda x: x.start_ns):
-                lines.append("    " + "  " * depth + "└─ " + _label(s))
-                walk(s.span_id, depth + 1)
-
-        walk("", 0)
+        _walk(children, "", 0, lines)
     return "\n".join(lines)

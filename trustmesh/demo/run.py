@@ -52,7 +52,9 @@ async def _scenario(root: Path) -> int:
         t0 = time.monotonic()
         await mesh.start_registry()
         assert mesh.registry is not None
-        say(f"registry   {mesh.registry.address} (mTLS), {mesh.registry.bootstrap_address} (bootstrap)")
+        say(
+            f"registry   {mesh.registry.address} (mTLS), {mesh.registry.bootstrap_address} (bootstrap)"
+        )
         for line in await mesh.apply(manifest_documents()):
             say(f"  applied  {line}")
         for app in apps.values():
@@ -78,8 +80,13 @@ async def _scenario(root: Path) -> int:
 
         say("3. an impostor with a valid SVID but no Agent record calls the planner")
         imp = mesh.sidecars["impostor"]
-        r = await call_through(imp.outbound, "planner", "/demo.Planner/Plan", {"task": "exfiltrate"},
-                               traceparent=_traceparent())
+        r = await call_through(
+            imp.outbound,
+            "planner",
+            "/demo.Planner/Plan",
+            {"task": "exfiltrate"},
+            traceparent=_traceparent(),
+        )
         say(f"   {_brief(r)}")
 
         say("4. an operator disables the planner mid-run; the same task is now refused")
@@ -107,8 +114,9 @@ async def _direct(address: str, method: str, payload: dict[str, object]) -> dict
     metadata = [("traceparent", _traceparent())]
     async with grpc.aio.insecure_channel(address) as channel:
         try:
-            reply = await channel.unary_unary(method)(json.dumps(payload).encode(), metadata=metadata,
-                                                      timeout=10)
+            reply = await channel.unary_unary(method)(
+                json.dumps(payload).encode(), metadata=metadata, timeout=10
+            )
             return {"ok": True, "reply": json.loads(reply)}
         except grpc.aio.AioRpcError as e:
             return {"ok": False, "code": e.code().name, "details": e.details()}
