@@ -216,10 +216,17 @@ async def _pump(
     control: _Control,
 ) -> None:
     observer = fwd.observer
-    channel = await engine.channel(fwd.upstream)
-    call = channel.stream_stream(method)(
-        requests, metadata=_metadata(fwd.headers), timeout=start.time_remaining
-    )
+    try:
+        channel = await engine.channel(fwd.upstream)
+        call = channel.stream_stream(method)(
+            requests, metadata=_metadata(fwd.headers), timeout=start.time_remaining
+        )
+    except Exception as e:  # e.g. the bridge socket could not be created
+        log.error("cannot open a call to %s: %s", fwd.upstream.address, e)
+        details = format_details("upstream_unavailable", f"cannot reach {fwd.upstream.address}")
+        observer.finished(Code.UNAVAILABLE, details)
+        await context.abort(to_grpc(Code.UNAVAILABLE), details)
+        return
     control.event = asyncio.Event()
     if control.status is not None:
         control.event.set()

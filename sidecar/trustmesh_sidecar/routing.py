@@ -226,11 +226,18 @@ class OutboundRouter:
         state: SidecarState,
         tracer: trace.Tracer,
         explain: Callable[[Upstream], tuple[Code, str] | None],
+        *,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._state = state
         self._tracer = tracer
         self._explain = explain
+        self._limits = limits
         self._rr = itertools.count()
+        self._inflight = 0
+
+    def _done(self) -> None:
+        self._inflight -= 1
 
     def route(self, call: CallStart, control: CallControl) -> Forward | Reject:
         state = self._state
@@ -247,6 +254,10 @@ class OutboundRouter:
             )
         elif not state.synced:
             decision = Decision.deny(Reason.NO_SNAPSHOT, "the sidecar has no registry snapshot yet")
+        elif self._inflight >= self._limits.max_inflight_calls:
+            decision = Decision.deny(
+                Reason.LIMIT_EXCEEDED, f"more than {self._limits.max_inflight_calls} calls in flight"
+            )
         if decision is not None:
             _audit("outbound", me, str(target or ""), call.method, decision)
             return _deny(span, decision, state)
@@ -265,10 +276,11 @@ class OutboundRouter:
         span.set_attribute(ATTR.REASON, Reason.ALLOWED.value)
         span.set_attribute("server.address", endpoint.address)
         state.counters.allowed += 1
+        self._inflight += 1
         headers = inject_context(hdr.for_peer(call.headers), span)
         return Forward(
             upstream,
             tuple(headers),
-            _SpanObserver(span),
+            _SpanObserver(span, self._done),
             explain_unavailable=lambda: self._explain(upstream),
         )

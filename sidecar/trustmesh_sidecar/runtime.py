@@ -143,7 +143,7 @@ class Sidecar:
             directory=cfg.data_dir / "bridge-registry",
         )
         self.inbound = InboundRouter(state, cfg.app, self.tracer, limits=cfg.limits)
-        outbound = OutboundRouter(state, self.tracer, engine.explain)
+        outbound = OutboundRouter(state, self.tracer, engine.explain, limits=cfg.limits)
         self.inbound_address, self.outbound_address = await engine.start(
             inbound_address=cfg.inbound,
             outbound_address=cfg.outbound,

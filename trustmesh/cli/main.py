@@ -142,6 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command in ("sidecar", "registry"):
+        # The audit trail: one JSON line per decision and per operator action.
+        audit = logging.getLogger("trustmesh.audit")
+        audit.setLevel(logging.INFO)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s audit %(message)s"))
+        audit.addHandler(handler)
+        audit.propagate = False
     try:
         from trustmesh.cli import commands
 
