@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustmesh.channels import MeshChannels
 from trustmesh.errors import (
@@ -41,6 +42,7 @@ from trustmesh.x509svid import (
     TrustBundle,
     X509Svid,
     ca_fingerprint,
+    ecdsa_hash,
     generate_key,
     make_csr,
     write_private_file,
@@ -53,9 +55,23 @@ log = logging.getLogger(__name__)
 
 
 class CredentialSource(Protocol):
+    """The SVID, the bundles per trust domain, and a signer with the SVID's key.
+
+    The embedded-CA source is `RegistryCredentials`; a SPIFFE Workload API source
+    (SPIRE) implements the same three things.
+    """
+
     def current(self) -> tuple[X509Svid, BundleSet]: ...
 
     def subscribe(self, callback: Callable[[X509Svid, BundleSet], None]) -> None: ...
+
+    def sign(self, data: bytes) -> tuple[bytes, X509Svid]:
+        """ECDSA signature over `data` with the current SVID's key, and that SVID."""
+        ...
+
+
+def sign_with(svid: X509Svid, data: bytes) -> bytes:
+    return svid.private_key.sign(data, ec.ECDSA(ecdsa_hash(svid.private_key)))
 
 
 def registry_id_for(td: TrustDomain) -> SpiffeId:
@@ -123,6 +139,10 @@ class RegistryCredentials:
 
     def subscribe(self, callback: Callable[[X509Svid, BundleSet], None]) -> None:
         self._subscribers.append(callback)
+
+    def sign(self, data: bytes) -> tuple[bytes, X509Svid]:
+        svid, _ = self.current()
+        return sign_with(svid, data), svid
 
     def set_bundles(self, bundles: BundleSet) -> None:
         self._bundles = bundles

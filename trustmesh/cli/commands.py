@@ -242,9 +242,8 @@ def _run_until_signal(
 
 
 def cmd_registry_serve(args: argparse.Namespace) -> int:
-    from trustmesh_registry.server import RegistryServer, ServeConfig
-
     from trustmesh.telemetry import configure_tracing
+    from trustmesh_registry.server import RegistryServer, ServeConfig
 
     configure_tracing("trustmesh-registry")
     config = ServeConfig(
@@ -266,9 +265,8 @@ def cmd_registry_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_sidecar_run(args: argparse.Namespace) -> int:
-    from trustmesh_sidecar.runtime import Sidecar, SidecarConfig
-
     from trustmesh.telemetry import configure_tracing
+    from trustmesh_sidecar.runtime import Sidecar, SidecarConfig
 
     missing = [
         f"--{f.replace('_', '-')}"
