@@ -33,17 +33,43 @@ PAYLOAD = os.urandom(1024)
 
 def _docs() -> list[rpb.ManifestDocument]:
     def doc(kind: str, name: str, spec: dict[str, Any]) -> rpb.ManifestDocument:
-        body = {"apiVersion": "trustmesh.dev/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+        body = {
+            "apiVersion": "trustmesh.dev/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": name},
+            "spec": spec,
+        }
         return rpb.ManifestDocument(source=f"bench/{name}", json=json.dumps(body))
 
     return [
         doc("AgentBlueprint", "bench", {"allowedMethods": ["/bench.Echo/*"]}),
-        doc("Agent", "client", {"spiffeId": "spiffe://demo.local/agents/client", "blueprint": "bench",
-                                "sponsor": "bench@example.com"}),
-        doc("Agent", "server", {"spiffeId": "spiffe://demo.local/agents/server", "blueprint": "bench",
-                                "sponsor": "bench@example.com"}),
-        doc("AccessPolicy", "bench", {"callers": [{"name": "client"}], "callees": [{"name": "server"}],
-                                      "methods": ["/bench.Echo/*"]}),
+        doc(
+            "Agent",
+            "client",
+            {
+                "spiffeId": "spiffe://demo.local/agents/client",
+                "blueprint": "bench",
+                "sponsor": "bench@example.com",
+            },
+        ),
+        doc(
+            "Agent",
+            "server",
+            {
+                "spiffeId": "spiffe://demo.local/agents/server",
+                "blueprint": "bench",
+                "sponsor": "bench@example.com",
+            },
+        ),
+        doc(
+            "AccessPolicy",
+            "bench",
+            {
+                "callers": [{"name": "client"}],
+                "callees": [{"name": "server"}],
+                "methods": ["/bench.Echo/*"],
+            },
+        ),
     ]
 
 
@@ -52,9 +78,13 @@ async def _echo_server() -> tuple[grpc.aio.Server, str]:
         return req
 
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers([
-        grpc.method_handlers_generic_handler("bench.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(unary)})
-    ])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "bench.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
+            )
+        ]
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
@@ -99,8 +129,13 @@ async def main_async(rounds: int, calls: int, out_dir: Path) -> dict[str, Any]:
         finally:
             await mesh.stop()
             await server.stop(0)
-    summary: dict[str, Any] = {"rounds": rounds, "calls_per_round": calls, "payload_bytes": len(PAYLOAD),
-                               "cpus": os.cpu_count(), "python": platform.python_version()}
+    summary: dict[str, Any] = {
+        "rounds": rounds,
+        "calls_per_round": calls,
+        "payload_bytes": len(PAYLOAD),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     for name, rows in results.items():
         summary[name] = {k: statistics.median(r[k] for r in rows) for k in ("p50", "p99")}
     summary["ratio_p50"] = summary["mesh"]["p50"] / summary["direct"]["p50"]

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from harness import Mesh, unary
 
 
 async def test_allowed_call_reaches_app_with_verified_caller(trio: Mesh) -> None:
-    reply, call = await unary(trio.nodes["alice"].outbound, "bob", body=b"hi")
+    reply, _ = await unary(trio.nodes["alice"].outbound, "bob", body=b"hi")
     assert reply == b"hi"
     seen = trio.nodes["bob"].app.received[-1]
     assert seen["trustmesh-caller"] == "spiffe://test.local/agents/alice"
