@@ -1,0 +1,51 @@
+"""`trustmesh demo` end to end, as a user runs it: a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _sidecar_processes() -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"trustmesh" in b" ".join(cmdline) and b"sidecar" in cmdline and b"run" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+def test_demo_runs_the_scenario_and_leaves_nothing_behind() -> None:
+    before = _sidecar_processes()
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "trustmesh", "demo"],
+        check=False, capture_output=True, text=True, timeout=60, env=dict(os.environ),
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    table = out[out.index("calls (from exported spans):"):out.index("traces (from exported spans):")]
+    rows = [line.split() for line in table.splitlines()[2:] if line.strip()]
+    by_reason = {(r[0], r[1], r[2], r[4]) for r in rows}
+    # The table is built from exported spans only; each scenario must be in it.
+    assert ("orchestrator", "planner", "/demo.Planner/Plan", "allowed") in by_reason
+    assert ("planner", "tool", "/demo.Tool/Invoke", "allowed") in by_reason
+    assert ("orchestrator", "planner", "/demo.Planner/StreamPlan", "allowed") in by_reason
+    assert ("orchestrator", "tool", "/demo.Tool/Invoke", "no_matching_policy") in by_reason
+    assert ("impostor", "planner", "/demo.Planner/Plan", "agent_not_registered") in by_reason
+    assert ("orchestrator", "planner", "/demo.Planner/Plan", "agent_disabled") in by_reason
+    # The trace tree links the planner's onward call under the orchestrator's call.
+    tree = out[out.index("traces (from exported spans):"):]
+    assert "[server@planner] /demo.Planner/Plan" in tree
+    assert "[client@planner] /demo.Tool/Invoke" in tree
+    assert elapsed < 30, f"demo took {elapsed:.1f}s"
+    assert _sidecar_processes() - before == set(), "the demo left sidecar processes behind"
