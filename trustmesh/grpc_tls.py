@@ -42,6 +42,10 @@ def server_options(limits: Limits, *, age: bool) -> list[tuple[str, Any]]:
 
 def channel_options(limits: Limits) -> list[tuple[str, Any]]:
     return [
+        # Each channel owns its connections. With grpc's global subchannel pool a new
+        # channel to the same target would reuse the old connection, and with it the
+        # old SVID: rotation would never reach a handshake (ADR 0004).
+        ("grpc.use_local_subchannel_pool", 1),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.max_metadata_size", limits.max_metadata_bytes),

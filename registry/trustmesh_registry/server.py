@@ -52,6 +52,9 @@ class ServeConfig:
     svid_ttl: timedelta = timedelta(hours=1)
     operator_ttl: timedelta = timedelta(days=30)
     registry_svid_ttl: timedelta = timedelta(hours=24)
+    # How long endpoints inherited from the last run are served without their
+    # sidecar reconnecting (sidecars reconnect with backoff capped at 5 s).
+    endpoint_grace: timedelta = timedelta(seconds=15)
     limits: Limits = DEFAULT_LIMITS
 
 
@@ -82,6 +85,7 @@ class RegistryServer:
         self._servers: list[grpc.aio.Server] = []
         self._health: list[HealthServicer] = []
         self._renewer: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
         self.address = ""
         self.bootstrap_address = ""
 
@@ -126,7 +130,11 @@ class RegistryServer:
         for health in self._health:
             await health.set("", health_pb2.HealthCheckResponse.SERVING)
             await health.set("trustmesh.v1.Registry", health_pb2.HealthCheckResponse.SERVING)
-        self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
+        loop = asyncio.get_running_loop()
+        self._renewer = loop.create_task(self._renew_loop())
+        self._expiry = loop.call_later(
+            self.config.endpoint_grace.total_seconds(), self.state.expire_stale_endpoints
+        )
         log.info(
             "registry %s serving on %s (mTLS) and %s (bootstrap)",
             self.registry_id,
@@ -146,6 +154,9 @@ class RegistryServer:
     async def stop(self, grace: float = 1.0) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self.state.closing = True
         for health in self._health:
             with contextlib.suppress(Exception):
                 await health.enter_graceful_shutdown()

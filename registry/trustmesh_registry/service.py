@@ -298,5 +298,5 @@ class RegistryService(rgrpc.RegistryServicer):  # type: ignore[misc]
                 yield queued
         finally:
             state.unsubscribe(watcher)
-            if endpoint is not None:
+            if endpoint is not None and not state.closing:
                 state.delete_endpoint(endpoint)

@@ -99,6 +99,16 @@ class RegistryState:
         self.operator = dict(stored.operator)
         for (kind, name), doc in stored.documents.items():
             self._put(parse_object(doc, f"stored {kind}/{name}"))
+        # Endpoints that were live when the last registry stopped: served until their
+        # sidecars reconnect, or until `expire_stale_endpoints()` after a grace period.
+        self._stale: set[tuple[str, str]] = set()
+        # Set while the registry shuts down: the watch streams it ends are not sidecars
+        # going away, so their endpoints stay stored for the next run.
+        self.closing = False
+        for spiffe_id, instance_id, address in store.load_endpoints():
+            key = (spiffe_id, instance_id)
+            self.endpoints[key] = pb.Endpoint(spiffe_id=spiffe_id, instance_id=instance_id, address=address)
+            self._stale.add(key)
 
     # -- reads -------------------------------------------------------------------
 
@@ -240,12 +250,26 @@ class RegistryState:
         return self._publish([rpb.Change(put_agent=self._agent_pb(agent))])
 
     def put_endpoint(self, endpoint: pb.Endpoint) -> None:
-        self.endpoints[(endpoint.spiffe_id, endpoint.instance_id)] = endpoint
+        key = (endpoint.spiffe_id, endpoint.instance_id)
+        self._stale.discard(key)
+        self.endpoints[key] = endpoint
+        self._store.put_endpoint(endpoint.spiffe_id, endpoint.instance_id, endpoint.address)
         self._publish([rpb.Change(put_endpoint=endpoint)])
 
     def delete_endpoint(self, endpoint: pb.Endpoint) -> None:
-        if self.endpoints.pop((endpoint.spiffe_id, endpoint.instance_id), None) is not None:
+        key = (endpoint.spiffe_id, endpoint.instance_id)
+        self._stale.discard(key)
+        self._store.delete_endpoint(endpoint.spiffe_id, endpoint.instance_id)
+        if self.endpoints.pop(key, None) is not None:
             self._publish([rpb.Change(delete_endpoint=endpoint)])
+
+    def expire_stale_endpoints(self) -> int:
+        """Drop the endpoints inherited from the last run that no sidecar re-reported."""
+        stale = [self.endpoints[k] for k in self._stale if k in self.endpoints]
+        self._stale.clear()
+        for endpoint in stale:
+            self.delete_endpoint(endpoint)
+        return len(stale)
 
     def bundles_changed(self) -> None:
         self._publish([rpb.Change(put_bundle=b) for b in self._bundles()])

@@ -1,8 +1,9 @@
 """The registry's storage seam: a small Protocol, so other stores can be added.
 
-The store keeps the durable state only: resource documents, operator state and join
-tokens (as hashes). Live endpoints are not stored: they exist while a sidecar's watch
-stream does.
+The store keeps the durable state: resource documents, operator state, join tokens
+(as hashes), and the endpoints last known live. An endpoint lives while its sidecar's
+watch stream does; it is stored only so that a restarted registry can keep serving
+routes for a grace period while the sidecars reconnect (ADR 0005).
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ class Store(Protocol):
         """Use the token once, atomically; the bound SPIFFE ID, or None if unusable."""
         ...
 
+    def put_endpoint(self, spiffe_id: str, instance_id: str, address: str) -> None: ...
+
+    def delete_endpoint(self, spiffe_id: str, instance_id: str) -> None: ...
+
+    def load_endpoints(self) -> list[tuple[str, str, str]]:
+        """(spiffe_id, instance_id, address) of the endpoints last known live."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -56,6 +65,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self.state = StoredState()
         self.tokens: dict[str, tuple[str, int, int]] = {}
+        self.endpoints: dict[tuple[str, str], str] = {}
 
     def load(self) -> StoredState:
         return StoredState(dict(self.state.documents), dict(self.state.operator))
@@ -80,6 +90,15 @@ class MemoryStore:
             return None
         self.tokens[token_hash] = (entry[0], entry[1] - 1, entry[2])
         return entry[0]
+
+    def put_endpoint(self, spiffe_id: str, instance_id: str, address: str) -> None:
+        self.endpoints[(spiffe_id, instance_id)] = address
+
+    def delete_endpoint(self, spiffe_id: str, instance_id: str) -> None:
+        self.endpoints.pop((spiffe_id, instance_id), None)
+
+    def load_endpoints(self) -> list[tuple[str, str, str]]:
+        return [(s, i, a) for (s, i), a in self.endpoints.items()]
 
     def close(self) -> None:
         pass

@@ -27,6 +27,9 @@ CREATE TABLE IF NOT EXISTS operator_state (
 CREATE TABLE IF NOT EXISTS join_tokens (
     token_hash TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL,
     uses_left INTEGER NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS endpoints (
+    spiffe_id TEXT NOT NULL, instance_id TEXT NOT NULL, address TEXT NOT NULL,
+    PRIMARY KEY (spiffe_id, instance_id));
 """
 
 
@@ -95,6 +98,24 @@ class SqliteStore:
                 "DELETE FROM join_tokens WHERE uses_left <= 0 OR expires_at <= ?", (now,)
             )
         return str(row[0]) if row else None
+
+    def put_endpoint(self, spiffe_id: str, instance_id: str, address: str) -> None:
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO endpoints(spiffe_id, instance_id, address) VALUES (?, ?, ?) "
+                "ON CONFLICT(spiffe_id, instance_id) DO UPDATE SET address = excluded.address",
+                (spiffe_id, instance_id, address),
+            )
+
+    def delete_endpoint(self, spiffe_id: str, instance_id: str) -> None:
+        with self._tx():
+            self._db.execute(
+                "DELETE FROM endpoints WHERE spiffe_id = ? AND instance_id = ?", (spiffe_id, instance_id)
+            )
+
+    def load_endpoints(self) -> list[tuple[str, str, str]]:
+        rows = self._db.execute("SELECT spiffe_id, instance_id, address FROM endpoints")
+        return [(str(a), str(b), str(c)) for a, b, c in rows]
 
     def close(self) -> None:
         self._db.close()

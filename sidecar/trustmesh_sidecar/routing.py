@@ -239,6 +239,24 @@ class OutboundRouter:
     def _done(self) -> None:
         self._inflight -= 1
 
+    def _self_revoked(self) -> Decision | None:
+        """A disabled or expired agent is stopped at its own sidecar too.
+
+        (Callees enforce this anyway; refusing at the source also covers peers that
+        have not yet seen the change. Whether an unregistered agent may call is left
+        to the callee, which is the boundary that counts.)
+        """
+        state = self._state
+        me = state.snapshot.agent_by_id(state.spiffe_id)
+        if me is None:
+            return None
+        if me.disabled:
+            reason = f": {me.disabled_reason}" if me.disabled_reason else ""
+            return Decision.deny(Reason.AGENT_DISABLED, f"this agent ({me.name}) is disabled{reason}")
+        if me.expired(state.now()):
+            return Decision.deny(Reason.AGENT_EXPIRED, f"this agent ({me.name}) has expired")
+        return None
+
     def route(self, call: CallStart, control: CallControl) -> Forward | Reject:
         state = self._state
         span = _start_span(self._tracer, SpanKind.CLIENT, call, "outbound")
@@ -258,6 +276,8 @@ class OutboundRouter:
             decision = Decision.deny(
                 Reason.LIMIT_EXCEEDED, f"more than {self._limits.max_inflight_calls} calls in flight"
             )
+        if decision is None:
+            decision = self._self_revoked()
         if decision is not None:
             _audit("outbound", me, str(target or ""), call.method, decision)
             return _deny(span, decision, state)
