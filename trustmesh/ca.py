@@ -225,6 +225,14 @@ class CertificateAuthority:
         )
 
 
+def check_csr(csr_der: bytes) -> None:
+    """Raise `BootstrapError(bad_csr)` unless the CSR is well formed and self-signed.
+
+    Callers check this before spending a join token on the request.
+    """
+    _csr_public_key(csr_der)
+
+
 def _csr_public_key(csr_der: bytes) -> ec.EllipticCurvePublicKey:
     """The CSR's public key, once its self-signature proves possession of the key."""
     if len(csr_der) > MAX_CSR_BYTES:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from trustmesh.ca import CertificateAuthority
+from trustmesh.ca import CertificateAuthority, check_csr
 from trustmesh.errors import (
     AccessDeniedError,
     ConfigError,
@@ -29,6 +29,7 @@ from trustmesh.errors import (
 from trustmesh.grpc_status import status_of
 from trustmesh.grpc_tls import peer_chain
 from trustmesh.limits import DEFAULT_LIMITS, Limits
+from trustmesh.manifest import parse_json, to_document
 from trustmesh.peer_verify import PeerVerifier
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.v1 import registry_pb2 as rpb
@@ -101,6 +102,7 @@ class BootstrapService(rgrpc.BootstrapServicer):  # type: ignore[misc]
         self, request: rpb.JoinRequest, context: grpc.aio.ServicerContext
     ) -> rpb.SvidResponse:
         async def run() -> rpb.SvidResponse:
+            check_csr(request.csr)  # a malformed request must not spend the token
             async with self._lock:  # one join at a time: token use is checked and spent
                 spiffe_id = self._attestor.attest(request.token, now=self._issuer.clock())
             response = self._issuer.issue(request.csr, spiffe_id)
@@ -177,10 +179,8 @@ class RegistryService(rgrpc.RegistryServicer):  # type: ignore[misc]
                     raise LimitExceededError(
                         f"{d.source}: document over {self._limits.max_document_bytes} bytes"
                     )
-                try:
-                    docs.append((d.source, json.loads(d.json)))
-                except ValueError as e:
-                    raise ConfigError(f"{d.source}: not valid JSON: {e}") from e
+                # Strict JSON (duplicate keys refused), then the document as stored.
+                docs.append((d.source, to_document(parse_json(d.json, d.source, self._limits))))
             result = self._state.apply(docs, dry_run=request.dry_run)
             if not request.dry_run:
                 self._audit(who, "apply", applied=result.applied, revision=result.revision)

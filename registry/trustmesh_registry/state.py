@@ -177,7 +177,7 @@ class RegistryState:
 
     def apply(self, documents: list[tuple[str, Any]], *, dry_run: bool = False) -> ApplyResult:
         resources = [parse_object(obj, source) for source, obj in documents]
-        validate_batch(resources, set(self.blueprints))
+        validate_batch(resources, set(self.blueprints), sources=[source for source, _ in documents])
         for (source, _), res in zip(documents, resources, strict=True):
             self._check_agent(source, res, resources)
         applied: list[str] = []

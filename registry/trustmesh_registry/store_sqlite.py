@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,11 @@ CREATE TABLE IF NOT EXISTS endpoints (
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
-        new = not path.exists()
+        self._lock = threading.Lock()  # one connection; one transaction at a time
+        if not path.exists():
+            # Create it 0600 before SQLite does: SQLite gives the -wal and -shm files
+            # the database file's mode, so they are private from the start too.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         try:
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -45,8 +50,6 @@ class SqliteStore:
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as e:
             raise ConfigError(f"cannot open registry database {path}: {e}") from e
-        if new:
-            os.chmod(path, 0o600)
 
     def load(self) -> StoredState:
         state = StoredState()
@@ -121,15 +124,24 @@ class SqliteStore:
         self._db.close()
 
     def _tx(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._lock)
 
 
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
         self._db = db
+        self._lock = lock
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        self._lock.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._lock.release()

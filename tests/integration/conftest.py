@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Mesh, agent, blueprint, policy  # noqa: E402
+from harness import Mesh, agent, blueprint, policy
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

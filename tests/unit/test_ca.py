@@ -6,7 +6,6 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from certs import HOUR, NOW, OTHER_TD, TD, forge_leaf, issue, make_ca, raises, sid, uri
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -16,6 +15,8 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from trustmesh.ca import CLOCK_SKEW, MAX_CSR_BYTES, CertificateAuthority
 from trustmesh.errors import BootstrapError, Code, ConfigError, CredentialError
 from trustmesh.x509svid import generate_key, make_csr
+
+from certs import HOUR, NOW, OTHER_TD, TD, forge_leaf, issue, make_ca, raises, sid, uri
 
 AGENT = sid("spiffe://example.org/agent")
 

@@ -7,6 +7,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trustmesh.ca import CertificateAuthority
+from trustmesh.errors import Code, PeerAuthenticationError
+from trustmesh.peer_verify import MAX_CERT_BYTES, MAX_CHAIN_LENGTH, PeerVerifier, Role
+from trustmesh.x509svid import BundleSet
+
 from certs import (
     HOUR,
     NOW,
@@ -22,16 +33,6 @@ from certs import (
     sid,
     uri,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from trustmesh.ca import CertificateAuthority
-from trustmesh.errors import Code, PeerAuthenticationError
-from trustmesh.peer_verify import MAX_CERT_BYTES, MAX_CHAIN_LENGTH, PeerVerifier, Role
-from trustmesh.x509svid import BundleSet
 
 AGENT = sid("spiffe://example.org/agent")
 ROLES: tuple[Role, ...] = ("client", "server")

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from certs import OTHER_TD, TD, forge_leaf, issue, make_ca, raises, sid, uri
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -28,6 +27,8 @@ from trustmesh.x509svid import (
     write_private_file,
     write_public_file,
 )
+
+from certs import OTHER_TD, TD, forge_leaf, issue, make_ca, raises, sid, uri
 
 AGENT = sid("spiffe://example.org/agent")
 

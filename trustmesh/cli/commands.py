@@ -36,8 +36,11 @@ from trustmesh.x509svid import (
 
 __all__ = ["dispatch", "parse_duration"]
 
-_DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
+_DURATION = re.compile(r"^([0-9]{1,12})(s|m|h|d)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+_MAX_DURATION_S = 3650 * 86400
 
 
 def parse_duration(text: str) -> timedelta:
@@ -46,7 +49,10 @@ def parse_duration(text: str) -> timedelta:
         raise ConfigError(
             f"bad duration {text!r}: use a number and a unit, like 90s, 30m, 1h or 7d"
         )
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if not 0 < seconds <= _MAX_DURATION_S:
+        raise ConfigError(f"bad duration {text!r}: must be more than 0s and at most 3650d")
+    return timedelta(seconds=seconds)
 
 
 def now() -> datetime:
@@ -157,6 +163,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     spiffe_id = SpiffeId.parse(args.spiffe_id)
     ttl = parse_duration(args.ttl)
+    if not 1 <= args.uses <= 10_000:
+        raise ConfigError(f"--uses must be between 1 and 10000, got {args.uses}")
     client = _client(args)
     req = rpb.CreateJoinTokenRequest(
         spiffe_id=str(spiffe_id), ttl_seconds=int(ttl.total_seconds()), uses=args.uses

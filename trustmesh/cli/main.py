@@ -146,9 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The audit trail: one JSON line per decision and per operator action.
         audit = logging.getLogger("trustmesh.audit")
         audit.setLevel(logging.INFO)
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s audit %(message)s"))
-        audit.addHandler(handler)
+        if not audit.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s audit %(message)s"))
+            audit.addHandler(handler)
         audit.propagate = False
     try:
         from trustmesh.cli import commands
@@ -161,6 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # the one boundary: no traceback unless asked for
+        if args.verbose:
+            raise
+        print(f"trustmesh: internal error: {type(e).__name__}: {e} (run with --verbose for details)",
+              file=sys.stderr)
+        return 1
 
 
 def entrypoint() -> None:
