@@ -187,6 +187,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 class _Route:
     path: str
     address: str
+    expected_id: SpiffeId | None
     server: asyncio.base_events.Server
     last_error: PeerAuthenticationError | None = None
     peer_serials: list[str] = field(default_factory=list)
@@ -238,7 +239,7 @@ class TlsBridge:
                     lambda r, w: self._accept(r, w, holder[0]), path=path
                 )
                 os.chmod(path, 0o600)
-                route = _Route(path, address, server)
+                route = _Route(path, address, expected_id, server)
                 holder.append(route)
                 self._routes[key] = route
         return "unix:" + route.path
@@ -260,12 +261,11 @@ class TlsBridge:
         task = asyncio.current_task()
         if task is not None:
             self._conns.add(task)
-        expected = next((k[1] for k, v in self._routes.items() if v is route), None)
         try:
             svid, bundles = self._credentials()
             try:
                 remote_r, remote_w, leaf = await dial(
-                    route.address, ClientTls(svid, bundles, expected), self._contexts
+                    route.address, ClientTls(svid, bundles, route.expected_id), self._contexts
                 )
             except PeerAuthenticationError as e:
                 route.last_error = e

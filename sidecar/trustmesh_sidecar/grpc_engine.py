@@ -198,6 +198,10 @@ async def _forward(
         peer_chain=chain,
         time_remaining=context.time_remaining(),
     )
+    if context.cancelled():
+        # grpc core hands over a call whose header list broke the limit (truncated)
+        # and cancels it right away: don't decide, audit or forward such a call.
+        return
     control = _Control()
     verdict = router.route(start, control)
     if isinstance(verdict, Reject):

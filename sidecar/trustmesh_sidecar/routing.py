@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from trustmesh.authz import authorize, resolve_target
 from trustmesh.decision import Decision, Reason
 from trustmesh.errors import Code, PeerAuthenticationError, format_details, parse_details
 from trustmesh.limits import DEFAULT_LIMITS, Limits
+from trustmesh.resources import is_grpc_method
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.telemetry import ATTR, extract_context, inject_context, split_method
 from trustmesh_sidecar import headers as hdr
@@ -43,7 +43,6 @@ __all__ = ["InboundRouter", "OutboundRouter"]
 
 audit = logging.getLogger("trustmesh.audit")
 
-_METHOD = re.compile(r"^/[A-Za-z_][\w.]*/[A-Za-z_]\w*$")
 
 
 def _audit(side: str, caller: str, callee: str, method: str, decision: Decision) -> None:
@@ -186,7 +185,7 @@ class InboundRouter:
 
     def _decide(self, caller: SpiffeId, method: str) -> Decision:
         state = self._state
-        if not _METHOD.match(method):
+        if not is_grpc_method(method):
             return Decision.deny(Reason.BAD_METHOD, f"malformed method path {method[:128]!r}")
         if not state.synced:
             return Decision.deny(Reason.NO_SNAPSHOT, "the sidecar has no registry snapshot yet")
@@ -266,7 +265,7 @@ class OutboundRouter:
         decision: Decision | None = None
         if not isinstance(target, str) or not target:
             decision = Decision.deny(Reason.MISSING_TARGET, f"set the {hdr.TARGET} metadata")
-        elif not _METHOD.match(call.method):
+        elif not is_grpc_method(call.method):
             decision = Decision.deny(
                 Reason.BAD_METHOD, f"malformed method path {call.method[:128]!r}"
             )
