@@ -40,7 +40,8 @@ def agent_id(name: str) -> SpiffeId:
 
 def blueprint(name: str, methods: list[str] | None = None) -> dict[str, Any]:
     return {
-        "apiVersion": "trustmesh.dev/v1alpha1", "kind": "AgentBlueprint",
+        "apiVersion": "trustmesh.dev/v1alpha1",
+        "kind": "AgentBlueprint",
         "metadata": {"name": name},
         "spec": {"description": name, "allowedMethods": methods or ["*"]},
     }
@@ -48,14 +49,23 @@ def blueprint(name: str, methods: list[str] | None = None) -> dict[str, Any]:
 
 def agent(name: str, bp: str = "any", **spec: Any) -> dict[str, Any]:
     return {
-        "apiVersion": "trustmesh.dev/v1alpha1", "kind": "Agent", "metadata": {"name": name},
-        "spec": {"spiffeId": str(agent_id(name)), "blueprint": bp, "sponsor": "test@example.com", **spec},
+        "apiVersion": "trustmesh.dev/v1alpha1",
+        "kind": "Agent",
+        "metadata": {"name": name},
+        "spec": {
+            "spiffeId": str(agent_id(name)),
+            "blueprint": bp,
+            "sponsor": "test@example.com",
+            **spec,
+        },
     }
 
 
 def policy(name: str, callers: list[str], callees: list[str], methods: list[str]) -> dict[str, Any]:
     return {
-        "apiVersion": "trustmesh.dev/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": name},
+        "apiVersion": "trustmesh.dev/v1alpha1",
+        "kind": "AccessPolicy",
+        "metadata": {"name": name},
         "spec": {
             "callers": [{"name": c} for c in callers],
             "callees": [{"name": c} for c in callees],
@@ -85,17 +95,23 @@ class EchoApp:
         context.set_trailing_metadata((("x-trailing", "bye"),))
         return req
 
-    async def _client_stream(self, reqs: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+    async def _client_stream(
+        self, reqs: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> bytes:
         self._seen(context)
         return b"|".join([r async for r in reqs])
 
-    async def _server_stream(self, req: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def _server_stream(
+        self, req: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         self._seen(context)
         n = int(req or b"3")
         for i in range(n):
             yield f"{i}".encode()
 
-    async def _bidi(self, reqs: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def _bidi(
+        self, reqs: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         self._seen(context)
         async for r in reqs:
             yield r.upper()
@@ -166,8 +182,13 @@ class Node:
 
 
 class Mesh:
-    def __init__(self, root: Path, *, svid_ttl: timedelta = timedelta(hours=1),
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        svid_ttl: timedelta = timedelta(hours=1),
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
         self.root = root
         self.svid_ttl = svid_ttl
         self.limits = limits
@@ -177,12 +198,18 @@ class Mesh:
 
     async def start(self) -> Mesh:
         data = self.root / "registry"
-        DataDir(data).init(TrustDomain.parse(TD), now=datetime.now(UTC), registry_address="127.0.0.1:0")
+        DataDir(data).init(
+            TrustDomain.parse(TD), now=datetime.now(UTC), registry_address="127.0.0.1:0"
+        )
         self.registry = RegistryServer(
-            ServeConfig(data, listen="127.0.0.1:0", bootstrap_listen="127.0.0.1:0", svid_ttl=self.svid_ttl)
+            ServeConfig(
+                data, listen="127.0.0.1:0", bootstrap_listen="127.0.0.1:0", svid_ttl=self.svid_ttl
+            )
         )
         await self.registry.start()
-        self.operator = OperatorClient.from_config(data / "config.yaml", registry=self.registry.address)
+        self.operator = OperatorClient.from_config(
+            data / "config.yaml", registry=self.registry.address
+        )
         return self
 
     @property
@@ -191,8 +218,12 @@ class Mesh:
 
     async def apply(self, *docs: dict[str, Any]) -> list[str]:
         assert self.operator is not None
-        documents = [rpb.ManifestDocument(source=f"test#{i}", json=json.dumps(d)) for i, d in enumerate(docs)]
-        resp = await self.operator.call(lambda s: s.Apply(rpb.ApplyRequest(documents=documents), timeout=10))
+        documents = [
+            rpb.ManifestDocument(source=f"test#{i}", json=json.dumps(d)) for i, d in enumerate(docs)
+        ]
+        resp = await self.operator.call(
+            lambda s: s.Apply(rpb.ApplyRequest(documents=documents), timeout=10)
+        )
         return list(resp.applied)
 
     async def token(self, spiffe_id: SpiffeId, uses: int = 1, ttl: int = 600) -> str:
@@ -240,7 +271,8 @@ class Mesh:
         while True:
             if all(
                 n.sidecar.state is not None and n.sidecar.state.snapshot.endpoints(agent_id(t))
-                for n in self.nodes.values() for t in names
+                for n in self.nodes.values()
+                for t in names
             ):
                 return
             if asyncio.get_running_loop().time() > deadline:
@@ -255,9 +287,14 @@ class Mesh:
             await self.registry.stop(0.2)
 
 
-async def unary(outbound: str, target: str, method: str = f"/{ECHO}/Unary", body: bytes = b"ping",
-                metadata: list[tuple[str, str | bytes]] | None = None,
-                timeout: float = 5.0) -> tuple[bytes, Any]:
+async def unary(
+    outbound: str,
+    target: str,
+    method: str = f"/{ECHO}/Unary",
+    body: bytes = b"ping",
+    metadata: list[tuple[str, str | bytes]] | None = None,
+    timeout: float = 5.0,
+) -> tuple[bytes, Any]:
     """Call through a sidecar; returns (reply, call) or raises grpc.aio.AioRpcError."""
     md: list[tuple[str, str | bytes]] = [("trustmesh-target", target), *(metadata or [])]
     async with grpc.aio.insecure_channel(outbound) as channel:
