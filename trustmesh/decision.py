@@ -35,6 +35,20 @@ class Reason(enum.StrEnum):
     NO_SNAPSHOT = "no_snapshot"
     BAD_METHOD = "bad_method"
     LIMIT_EXCEEDED = "limit_exceeded"
+    # delegation chains (trustmesh.delegation; docs/delegation.md)
+    CHAIN_MALFORMED = "chain_malformed"
+    CHAIN_BAD_SIGNATURE = "chain_bad_signature"
+    CHAIN_BROKEN_LINK = "chain_broken_link"
+    CHAIN_ISSUER_NOT_PEER = "chain_issuer_not_peer"
+    CHAIN_WRONG_AUDIENCE = "chain_wrong_audience"
+    CHAIN_EXPIRED = "chain_expired"
+    CHAIN_TOO_DEEP = "chain_too_deep"
+    CHAIN_SCOPE_ESCALATION = "chain_scope_escalation"
+    CHAIN_AGENT_INACTIVE = "chain_agent_inactive"
+    CHAIN_ORIGIN_NOT_ALLOWED = "chain_origin_not_allowed"
+    CHAIN_PATH_NOT_ALLOWED = "chain_path_not_allowed"
+    # user access tokens (trustmesh.user_token)
+    USER_TOKEN_INVALID = "user_token_invalid"  # noqa: S105 (a reason code, not a secret)
 
 
 _CODES: dict[Reason, Code] = {
@@ -45,6 +59,8 @@ _CODES: dict[Reason, Code] = {
     Reason.MISSING_TARGET: Code.INVALID_ARGUMENT,
     Reason.BAD_METHOD: Code.INVALID_ARGUMENT,
     Reason.LIMIT_EXCEEDED: Code.RESOURCE_EXHAUSTED,
+    Reason.CHAIN_MALFORMED: Code.INVALID_ARGUMENT,
+    Reason.USER_TOKEN_INVALID: Code.UNAUTHENTICATED,
 }
 
 

@@ -28,6 +28,32 @@ class Limits:
     # Cached verified peer certificates and decisions.
     verified_cert_cache: int = 4096
     decision_cache: int = 65536
+    # Delegation chains (docs/delegation.md). Hops in one chain, and bytes of the
+    # serialized chain before base64: a depth-8 chain of P-256 SVIDs is about 6 KiB,
+    # 8 KiB after base64, so this leaves half the header list for everything else.
+    max_delegation_depth: int = 8
+    max_delegation_bytes: int = 9 * 1024
+    # Lifetime of a hop: the default a sidecar signs with, the most a verifier
+    # accepts (expires_at - issued_at), and the clock skew allowed on issued_at.
+    delegation_ttl_s: float = 60.0
+    max_delegation_ttl_s: float = 300.0
+    delegation_clock_skew_s: float = 5.0
+    # Scopes in one hop, and characters of one scope.
+    max_delegation_scopes: int = 32
+    max_scope_chars: int = 128
+    # Cached verified chain prefixes (by the digest of their last hop), parsed
+    # issuer keys (by certificate fingerprint) and chain policy decisions.
+    delegation_prefix_cache: int = 4096
+    delegation_key_cache: int = 1024
+    delegation_policy_cache: int = 16384
+    # Bytes of a user access token (JWT), and the selected claims recorded from it:
+    # claims, values per claim and characters per value.
+    max_user_token_bytes: int = 8 * 1024
+    max_user_claims: int = 16
+    max_user_claim_values: int = 64
+    max_user_claim_chars: int = 256
+    # Bytes the recorded user origin takes in hop 0 (issuer, subject and claims).
+    max_user_origin_bytes: int = 2048
 
 
 DEFAULT_LIMITS = Limits()

@@ -5,6 +5,8 @@ the 1-based document index (`agents.yaml#2`), `field` is a dotted path
 (`spec.callers[1].attributes`). Unknown fields are rejected, and so are duplicate
 YAML keys, so that a typo is never silently ignored.
 
+`parse_resource` reads every kind (`parse_object` is its older name).
+
 Bounds: a file holds at most `max_apply_documents` documents and each document at
 most `max_document_bytes` bytes (checked on the composed YAML node, before any
 Python object is built from it).
@@ -24,6 +26,9 @@ from typing import NoReturn, TypeVar
 
 import yaml
 
+from trustmesh.delegation_manifest import SPEC_FIELDS as _DELEGATION_SPEC_FIELDS
+from trustmesh.delegation_manifest import policy_from_spec, policy_to_spec
+from trustmesh.delegation_policy import DelegationPolicy
 from trustmesh.errors import InvalidSpiffeIdError, ManifestError
 from trustmesh.limits import DEFAULT_LIMITS, Limits
 from trustmesh.resources import (
@@ -42,10 +47,12 @@ from trustmesh.resources import (
 from trustmesh.spiffe_id import SpiffeId
 
 __all__ = [
+    "AnyResource",
     "Sourced",
     "parse_documents",
     "parse_json",
     "parse_object",
+    "parse_resource",
     "parse_sourced",
     "to_document",
     "validate_batch",
@@ -61,7 +68,11 @@ _SPEC_FIELDS: dict[Kind, tuple[tuple[str, ...], tuple[str, ...]]] = {
     Kind.AGENT_BLUEPRINT: (("allowedMethods",), ("description", "defaultAttributes")),
     Kind.AGENT: (("spiffeId", "blueprint", "sponsor"), ("owners", "attributes", "expiresAt")),
     Kind.ACCESS_POLICY: (("callers", "callees", "methods"), ()),
+    Kind.DELEGATION_POLICY: _DELEGATION_SPEC_FIELDS,
 }
+
+# Every kind a document may hold.
+AnyResource = Resource | DelegationPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +80,7 @@ class Sourced:
     """A parsed resource and the document it came from (`file#index`)."""
 
     source: str
-    resource: Resource
+    resource: AnyResource
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -131,13 +142,13 @@ def parse_sourced(text: str, source: str, limits: Limits = DEFAULT_LIMITS) -> li
             except yaml.YAMLError as e:
                 raise ManifestError(where, "", _yaml_problem(e)) from e
             if obj is not None:
-                out.append(Sourced(where, parse_object(obj, where)))
+                out.append(Sourced(where, parse_resource(obj, where)))
     finally:
         loader.dispose()
     return out
 
 
-def parse_documents(text: str, source: str) -> list[Resource]:
+def parse_documents(text: str, source: str) -> list[AnyResource]:
     """The resources of a multi-document YAML text; empty documents are skipped."""
     return [s.resource for s in parse_sourced(text, source)]
 
@@ -151,7 +162,7 @@ def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
-def parse_json(text: str, source: str, limits: Limits = DEFAULT_LIMITS) -> Resource:
+def parse_json(text: str, source: str, limits: Limits = DEFAULT_LIMITS) -> AnyResource:
     """One resource sent as JSON (`ManifestDocument.json`), with the same checks as YAML."""
     size = len(text.encode())
     if size > limits.max_document_bytes:
@@ -165,7 +176,7 @@ def parse_json(text: str, source: str, limits: Limits = DEFAULT_LIMITS) -> Resou
         ) from e
     except (ValueError, RecursionError) as e:
         raise ManifestError(source, "", f"malformed JSON: {e}") from e
-    return parse_object(obj, source)
+    return parse_resource(obj, source)
 
 
 class _Doc:
@@ -289,8 +300,12 @@ def _type(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def parse_object(obj: object, source: str) -> Resource:
-    """One resource from a decoded YAML or JSON document."""
+def parse_object(obj: object, source: str) -> AnyResource:
+    return parse_resource(obj, source)
+
+
+def parse_resource(obj: object, source: str) -> AnyResource:
+    """One resource of any kind from a decoded YAML or JSON document."""
     doc = _Doc(source)
     if not isinstance(obj, dict):
         doc.fail("", f"a document must be a mapping, got {_type(obj)}")
@@ -313,7 +328,7 @@ def parse_object(obj: object, source: str) -> Resource:
     # Each field is checked (and named) on its own first; the constructor then checks
     # what involves the whole resource.
     if kind is Kind.AGENT_BLUEPRINT:
-        make: Callable[[], Resource] = partial(
+        make: Callable[[], AnyResource] = partial(
             AgentBlueprint,
             name=name,
             allowed_methods=doc.methods(spec["allowedMethods"], "spec.allowedMethods"),
@@ -335,6 +350,8 @@ def parse_object(obj: object, source: str) -> Resource:
             attributes=doc.attributes(spec.get("attributes", {}), "spec.attributes"),
             expires_at=None if expires is None else doc.expiry(expires, "spec.expiresAt"),
         )
+    elif kind is Kind.DELEGATION_POLICY:
+        make = partial(policy_from_spec, doc, name, spec)
     else:
         make = partial(
             AccessPolicy,
@@ -353,8 +370,8 @@ def _selector_doc(s: Selector) -> dict[str, object]:
     return {s.kind.value: str(value)}
 
 
-def to_document(resource: Resource) -> dict[str, object]:
-    """The YAML/JSON form of a resource; `parse_object` turns it back into an equal one."""
+def to_document(resource: AnyResource) -> dict[str, object]:
+    """The YAML/JSON form of a resource; `parse_resource` turns it back into an equal one."""
     spec: dict[str, object]
     if isinstance(resource, AgentBlueprint):
         spec = {"allowedMethods": [str(m) for m in resource.allowed_methods]}
@@ -375,6 +392,8 @@ def to_document(resource: Resource) -> dict[str, object]:
         if resource.expires_at is not None:
             utc = resource.expires_at.astimezone(UTC)
             spec["expiresAt"] = utc.isoformat().replace("+00:00", "Z")
+    elif isinstance(resource, DelegationPolicy):
+        spec = policy_to_spec(resource)
     else:
         spec = {
             "callers": [_selector_doc(s) for s in resource.callers],
@@ -390,7 +409,7 @@ def to_document(resource: Resource) -> dict[str, object]:
 
 
 def validate_batch(
-    resources: Sequence[Resource],
+    resources: Sequence[AnyResource],
     existing_blueprints: set[str],
     *,
     sources: Sequence[str] | None = None,

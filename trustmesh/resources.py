@@ -1,6 +1,8 @@
 """Typed resource models (`apiVersion: trustmesh.dev/v1alpha1`) that can't be built invalid.
 
 Three kinds come from operators' YAML: `AgentBlueprint`, `Agent` and `AccessPolicy`.
+A fourth, `DelegationPolicy`, lives in `trustmesh.delegation_policy` (it builds on the
+`Selector` defined here); `Kind` names all four.
 `AgentView` is what a sidecar knows about an agent: the registry's record, with the
 effective attributes (blueprint defaults overlaid by the agent's own) and the
 operator state, which is never part of the YAML.
@@ -74,6 +76,7 @@ class Kind(enum.StrEnum):
     AGENT_BLUEPRINT = "AgentBlueprint"
     AGENT = "Agent"
     ACCESS_POLICY = "AccessPolicy"
+    DELEGATION_POLICY = "DelegationPolicy"
 
 
 def check_name(value: object, field: str = "metadata.name") -> str:
@@ -351,6 +354,8 @@ class AccessPolicy:
         )
 
 
+# The kinds defined in this module. `trustmesh.manifest.AnyResource` adds
+# `DelegationPolicy`.
 Resource = AgentBlueprint | Agent | AccessPolicy
 
 

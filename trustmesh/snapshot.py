@@ -10,6 +10,10 @@ Invariants:
   change), and every read is a dict lookup. Nothing here iterates over all agents
   or all policies after an update has been applied.
 * `generation` grows by one on every successful apply; caches key on it.
+* DelegationPolicies are indexed by their callee selectors (so a callee finds the
+  policies naming it without looking at the others) and by the agents that could
+  forward a chain under them (`can_delegate_onward`, the sign-only-when-needed rule
+  of docs/delegation.md).
 
 Not thread-safe: one owner applies updates and serves reads (e.g. one event loop).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from trustmesh.delegation_policy import DelegationPolicy
 from trustmesh.errors import InvalidSpiffeIdError, PeerError
 from trustmesh.resources import (
     AccessPolicy,
@@ -31,7 +36,12 @@ from trustmesh.resources import (
 from trustmesh.spiffe_id import SpiffeId, TrustDomain
 from trustmesh.v1 import registry_pb2
 from trustmesh.v1 import resources_pb2 as pb
-from trustmesh.wire import agent_from_pb, blueprint_from_pb, policy_from_pb
+from trustmesh.wire import (
+    agent_from_pb,
+    blueprint_from_pb,
+    delegation_policy_from_pb,
+    policy_from_pb,
+)
 
 __all__ = ["InvalidSnapshotError", "Snapshot"]
 
@@ -108,6 +118,11 @@ class _State:
         self.bundles: dict[str, tuple[bytes, ...]] = {}
         self.callers = _SelectorIndex()
         self.callees = _SelectorIndex()
+        self.delegation_policies: dict[str, DelegationPolicy] = {}
+        self.delegation_callees = _SelectorIndex()
+        # Who may forward a chain: by selector, and the policies that let anyone.
+        self.forwarders = _SelectorIndex()
+        self.anyone_forwards: set[str] = set()
 
     def put_agent(self, agent: AgentView) -> None:
         self.delete_agent(agent.name)
@@ -137,6 +152,22 @@ class _State:
         if old is not None:
             self.callers.remove(name, old.callers)
             self.callees.remove(name, old.callees)
+
+    def put_delegation_policy(self, policy: DelegationPolicy) -> None:
+        self.delete_delegation_policy(policy.name)
+        self.delegation_policies[policy.name] = policy
+        self.delegation_callees.add(policy.name, policy.callees)
+        anyone, selectors = policy.forwarders()
+        self.forwarders.add(policy.name, selectors)
+        if anyone:
+            self.anyone_forwards.add(policy.name)
+
+    def delete_delegation_policy(self, name: str) -> None:
+        old = self.delegation_policies.pop(name, None)
+        if old is not None:
+            self.delegation_callees.remove(name, old.callees)
+            self.forwarders.remove(name, old.forwarders()[1])
+            self.anyone_forwards.discard(name)
 
     def put_endpoint(self, spiffe_id: SpiffeId, endpoint: pb.Endpoint) -> None:
         instances = self.endpoints.setdefault(spiffe_id, {})
@@ -187,6 +218,12 @@ def _decode(change: registry_pb2.Change) -> _Op:
     if which == "delete_policy":
         policy_name = change.delete_policy
         return lambda st: st.delete_policy(policy_name)
+    if which == "put_delegation_policy":
+        delegation = delegation_policy_from_pb(change.put_delegation_policy)
+        return lambda st: st.put_delegation_policy(delegation)
+    if which == "delete_delegation_policy":
+        delegation_name = change.delete_delegation_policy
+        return lambda st: st.delete_delegation_policy(delegation_name)
     if which == "put_endpoint":
         ep_id, endpoint = _endpoint(change.put_endpoint)
         return lambda st: st.put_endpoint(ep_id, endpoint)
@@ -314,3 +351,19 @@ class Snapshot:
             return []
         names = callers & st.callees.lookup(callee)
         return [st.policies[n] for n in sorted(names)]
+
+    def delegation_policy(self, name: str) -> DelegationPolicy | None:
+        return self._state.delegation_policies.get(name)
+
+    def delegation_policies_for(self, callee: AgentView) -> list[DelegationPolicy]:
+        """DelegationPolicies with a callee selector matching `callee`, by name; found
+        through the callee index, so the cost is O(policies naming the callee)."""
+        st = self._state
+        names = st.delegation_callees.lookup(callee)
+        return [st.delegation_policies[n] for n in sorted(names)]
+
+    def can_delegate_onward(self, agent: AgentView) -> bool:
+        """True when some DelegationPolicy could accept a chain in which `agent` issues
+        a hop after the first: only then must the hop addressed to it be signed."""
+        st = self._state
+        return bool(st.anyone_forwards) or bool(st.forwarders.lookup(agent))

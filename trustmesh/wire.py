@@ -7,6 +7,7 @@ raises `InvalidResourceError` / `InvalidSpiffeIdError` instead of entering a sna
 On the wire an agent carries its *effective* attributes (blueprint defaults overlaid
 by its own), `expires_at` in Unix seconds with 0 for "never", and its operator state.
 A state other than ACTIVE (including an unset one) reads as disabled: fail closed.
+A DelegationPolicy's `max_depth` 0 means "not set", as does an empty user `subject`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+from trustmesh.delegation_policy import DelegationPolicy, PathElement, PathWildcard, UserMatch
 from trustmesh.resources import (
     EMPTY_ATTRIBUTES,
     AccessPolicy,
@@ -35,6 +37,8 @@ __all__ = [
     "agent_to_pb",
     "blueprint_from_pb",
     "blueprint_to_pb",
+    "delegation_policy_from_pb",
+    "delegation_policy_to_pb",
     "expires_to_pb",
     "policy_from_pb",
     "policy_to_pb",
@@ -155,4 +159,78 @@ def policy_from_pb(msg: pb.AccessPolicy) -> AccessPolicy:
         callers=tuple(selector_from_pb(s) for s in msg.callers),
         callees=tuple(selector_from_pb(s) for s in msg.callees),
         methods=tuple(MethodPattern.parse(m) for m in msg.methods),
+    )
+
+
+_WILDCARDS = {
+    PathWildcard.ONE: pb.PATH_WILDCARD_ONE,
+    PathWildcard.ANY: pb.PATH_WILDCARD_ANY,
+}
+
+
+def delegation_policy_to_pb(policy: DelegationPolicy) -> pb.DelegationPolicy:
+    msg = pb.DelegationPolicy(
+        name=policy.name,
+        callees=[selector_to_pb(s) for s in policy.callees],
+        max_depth=policy.max_depth or 0,
+        required_scopes=list(policy.required_scopes),
+        require_user_origin=policy.require_user_origin,
+    )
+    for origin in policy.allowed_origins:
+        if isinstance(origin, UserMatch):
+            msg.allowed_origins.add(
+                user=pb.UserMatch(
+                    issuer=origin.issuer, subject=origin.subject or "", claims=dict(origin.claims)
+                )
+            )
+        else:
+            msg.allowed_origins.add(agent=selector_to_pb(origin))
+    for path in policy.allowed_paths:
+        elements = msg.allowed_paths.add().elements
+        for e in path:
+            if isinstance(e, PathWildcard):
+                elements.add(wildcard=_WILDCARDS[e])
+            else:
+                elements.add(agent=selector_to_pb(e))
+    return msg
+
+
+def _path_element_from_pb(msg: pb.PathElement) -> PathElement:
+    which = msg.WhichOneof("by")
+    if which == "agent":
+        return selector_from_pb(msg.agent)
+    if which == "wildcard":
+        for wildcard, value in _WILDCARDS.items():
+            if msg.wildcard == value:
+                return wildcard
+        raise InvalidResourceError("path element", f"unknown wildcard {msg.wildcard}")
+    raise InvalidResourceError("path element", "no path element field is set")
+
+
+def delegation_policy_from_pb(msg: pb.DelegationPolicy) -> DelegationPolicy:
+    origins: list[Selector | UserMatch] = []
+    for o in msg.allowed_origins:
+        which = o.WhichOneof("by")
+        if which == "agent":
+            origins.append(selector_from_pb(o.agent))
+        elif which == "user":
+            origins.append(
+                UserMatch(
+                    issuer=o.user.issuer,
+                    subject=o.user.subject or None,
+                    claims=tuple(sorted(o.user.claims.items())),
+                )
+            )
+        else:
+            raise InvalidResourceError("allowed_origins", "no origin field is set")
+    return DelegationPolicy(
+        name=msg.name,
+        callees=tuple(selector_from_pb(s) for s in msg.callees),
+        allowed_origins=tuple(origins),
+        allowed_paths=tuple(
+            tuple(_path_element_from_pb(e) for e in p.elements) for p in msg.allowed_paths
+        ),
+        max_depth=msg.max_depth or None,
+        required_scopes=tuple(msg.required_scopes),
+        require_user_origin=msg.require_user_origin,
     )

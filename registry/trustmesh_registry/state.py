@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from trustmesh import wire
+from trustmesh.delegation_policy import DelegationPolicy
 from trustmesh.errors import ConfigError, ManifestError, NotFoundError
-from trustmesh.manifest import parse_object, to_document, validate_batch
+from trustmesh.manifest import parse_resource, to_document, validate_batch
 from trustmesh.resources import AccessPolicy, Agent, AgentBlueprint
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.v1 import registry_pb2 as rpb
@@ -30,8 +31,13 @@ __all__ = ["KINDS", "RegistryState", "Watcher"]
 
 log = logging.getLogger(__name__)
 
-Resource = Agent | AgentBlueprint | AccessPolicy
-KINDS = {"AgentBlueprint": AgentBlueprint, "Agent": Agent, "AccessPolicy": AccessPolicy}
+Resource = Agent | AgentBlueprint | AccessPolicy | DelegationPolicy
+KINDS = {
+    "AgentBlueprint": AgentBlueprint,
+    "Agent": Agent,
+    "AccessPolicy": AccessPolicy,
+    "DelegationPolicy": DelegationPolicy,
+}
 _ALIASES = {k.lower(): k for k in KINDS} | {
     "agents": "Agent",
     "blueprint": "AgentBlueprint",
@@ -40,6 +46,9 @@ _ALIASES = {k.lower(): k for k in KINDS} | {
     "policy": "AccessPolicy",
     "policies": "AccessPolicy",
     "accesspolicies": "AccessPolicy",
+    "delegationpolicies": "DelegationPolicy",
+    "delegations": "DelegationPolicy",
+    "delegation": "DelegationPolicy",
 }
 
 
@@ -93,12 +102,13 @@ class RegistryState:
         self.blueprints: dict[str, AgentBlueprint] = {}
         self.agents: dict[str, Agent] = {}
         self.policies: dict[str, AccessPolicy] = {}
+        self.delegation_policies: dict[str, DelegationPolicy] = {}
         self.agents_by_id: dict[SpiffeId, str] = {}
         self.endpoints: dict[tuple[str, str], pb.Endpoint] = {}
         stored = store.load()
         self.operator = dict(stored.operator)
         for (kind, name), doc in stored.documents.items():
-            self._put(parse_object(doc, f"stored {kind}/{name}"))
+            self._put(parse_resource(doc, f"stored {kind}/{name}"))
         # Endpoints that were live when the last registry stopped: served until their
         # sidecars reconnect, or until `expire_stale_endpoints()` after a grace period.
         self._stale: set[tuple[str, str]] = set()
@@ -119,6 +129,10 @@ class RegistryState:
         ]
         changes += [rpb.Change(put_agent=self._agent_pb(a)) for a in self.agents.values()]
         changes += [rpb.Change(put_policy=wire.policy_to_pb(p)) for p in self.policies.values()]
+        changes += [
+            rpb.Change(put_delegation_policy=wire.delegation_policy_to_pb(p))
+            for p in self.delegation_policies.values()
+        ]
         changes += [rpb.Change(put_endpoint=e) for e in self.endpoints.values()]
         return rpb.SnapshotUpdate(
             epoch=self.epoch, revision=self.revision, full=True, changes=changes
@@ -152,6 +166,7 @@ class RegistryState:
             "AgentBlueprint": self.blueprints,
             "Agent": self.agents,
             "AccessPolicy": self.policies,
+            "DelegationPolicy": self.delegation_policies,
         }
         table = tables[kind]
         if name and name not in table:
@@ -176,7 +191,7 @@ class RegistryState:
     # -- writes ------------------------------------------------------------------
 
     def apply(self, documents: list[tuple[str, Any]], *, dry_run: bool = False) -> ApplyResult:
-        resources = [parse_object(obj, source) for source, obj in documents]
+        resources = [parse_resource(obj, source) for source, obj in documents]
         validate_batch(resources, set(self.blueprints), sources=[source for source, _ in documents])
         for (source, _), res in zip(documents, resources, strict=True):
             self._check_agent(source, res, resources)
@@ -208,8 +223,12 @@ class RegistryState:
                 changes.append(rpb.Change(put_blueprint=wire.blueprint_to_pb(res)))
             elif isinstance(res, Agent):
                 changes.append(rpb.Change(put_agent=self._agent_pb(res)))
-            else:
+            elif isinstance(res, AccessPolicy):
                 changes.append(rpb.Change(put_policy=wire.policy_to_pb(res)))
+            else:
+                changes.append(
+                    rpb.Change(put_delegation_policy=wire.delegation_policy_to_pb(res))
+                )
         if changed_blueprints:  # effective attributes of their agents may have changed
             changes += [
                 rpb.Change(put_agent=self._agent_pb(a))
@@ -237,9 +256,12 @@ class RegistryState:
         elif isinstance(res, AgentBlueprint):
             del self.blueprints[name]
             change = rpb.Change(delete_blueprint=name)
-        else:
+        elif isinstance(res, AccessPolicy):
             del self.policies[name]
             change = rpb.Change(delete_policy=name)
+        else:
+            del self.delegation_policies[name]
+            change = rpb.Change(delete_delegation_policy=name)
         return self._publish([change])
 
     def set_agent_state(self, ref: str, *, disabled: bool, reason: str) -> int:
@@ -310,7 +332,9 @@ class RegistryState:
             return self.agents.get(name)
         if kind == "AgentBlueprint":
             return self.blueprints.get(name)
-        return self.policies.get(name)
+        if kind == "AccessPolicy":
+            return self.policies.get(name)
+        return self.delegation_policies.get(name)
 
     def _put(self, res: Resource) -> None:
         if isinstance(res, Agent):
@@ -321,8 +345,10 @@ class RegistryState:
             self.agents_by_id[res.spiffe_id] = res.name
         elif isinstance(res, AgentBlueprint):
             self.blueprints[res.name] = res
-        else:
+        elif isinstance(res, AccessPolicy):
             self.policies[res.name] = res
+        else:
+            self.delegation_policies[res.name] = res
 
     def _check_agent(self, source: str, res: Resource, batch: list[Resource]) -> None:
         if not isinstance(res, Agent):

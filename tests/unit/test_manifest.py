@@ -15,6 +15,7 @@ from trustmesh.manifest import (
     parse_documents,
     parse_json,
     parse_object,
+    parse_resource,
     parse_sourced,
     to_document,
     validate_batch,
@@ -182,7 +183,7 @@ ERROR_CASES = [
         AGENT.replace("kind: Agent", "kind: Agnet"),
         "f.yaml#1",
         "kind",
-        "unknown kind 'Agnet' (known kinds: AccessPolicy, Agent, AgentBlueprint)",
+        "unknown kind 'Agnet' (known kinds: AccessPolicy, Agent, AgentBlueprint, DelegationPolicy)",
     ),
     ("missing-kind", AGENT.replace("kind: Agent\n", ""), "f.yaml#1", "kind", "is required"),
     (
@@ -593,3 +594,26 @@ def test_whole_file_is_bounded_before_parsing() -> None:
     tiny = Limits(max_document_bytes=100, max_apply_documents=2)
     with pytest.raises(ManifestError, match=r"big.yaml: over the 200-byte limit for one file"):
         parse_sourced("#" * 201, "big.yaml", tiny)
+
+
+# -- DelegationPolicy -------------------------------------------------------------------
+
+DELEGATION = HEADER + textwrap.dedent("""\
+    kind: DelegationPolicy
+    metadata: {name: tools-via-planner}
+    spec:
+      callees: [{blueprint: tool}]
+      allowedOrigins: [{name: orchestrator}, {user: {issuer: "https://idp.example"}}]
+      allowedPaths: [[{name: orchestrator}, "**"]]
+    """)
+
+
+def test_delegation_policy_round_trips_and_is_checked_in_batches() -> None:
+    (policy,) = parse_documents(DELEGATION, "d.yaml")
+    document = to_document(policy)
+    assert document["kind"] == "DelegationPolicy"
+    assert parse_resource(document, "x") == policy
+    assert parse_json(json.dumps(document), "wire") == policy
+    with pytest.raises(ManifestError, match="duplicate DelegationPolicy 'tools-via-planner'"):
+        validate_batch([policy, policy], set())
+    validate_batch([policy], set())

@@ -426,3 +426,20 @@ def test_agent_from_pb_validates(msg: pb.Agent, error: type[Exception], message:
     with pytest.raises(error) as info:
         agent_from_pb(msg)
     assert message in str(info.value)
+
+
+def test_delegation_policies_apply_in_full_and_delta_updates() -> None:
+    policy = pb.DelegationPolicy(
+        name="d",
+        callees=[pb.Selector(name="b")],
+        allowed_origins=[pb.OriginMatch(agent=pb.Selector(name="a"))],
+        allowed_paths=[pb.DelegationPath(elements=[pb.PathElement(agent=pb.Selector(name="a"))])],
+    )
+    snap = started()
+    assert snap.apply(delta("e1", 10, 11, rpb.Change(put_delegation_policy=policy)))
+    b = snap.agent_by_name("b")
+    assert b is not None
+    assert [p.name for p in snap.delegation_policies_for(b)] == ["d"]
+    assert snap.counts()["policies"] == 0  # AccessPolicies only
+    assert snap.apply(delta("e1", 11, 12, rpb.Change(delete_delegation_policy="d")))
+    assert snap.delegation_policies_for(b) == [] and snap.delegation_policy("d") is None

@@ -142,7 +142,7 @@ class WatchRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., inbound_address: _Optional[str] = ..., epoch: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class Change(_message.Message):
-    __slots__ = ("put_agent", "delete_agent", "put_blueprint", "delete_blueprint", "put_policy", "delete_policy", "put_endpoint", "delete_endpoint", "put_bundle")
+    __slots__ = ("put_agent", "delete_agent", "put_blueprint", "delete_blueprint", "put_policy", "delete_policy", "put_endpoint", "delete_endpoint", "put_bundle", "put_delegation_policy", "delete_delegation_policy")
     PUT_AGENT_FIELD_NUMBER: _ClassVar[int]
     DELETE_AGENT_FIELD_NUMBER: _ClassVar[int]
     PUT_BLUEPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,8 @@ class Change(_message.Message):
     PUT_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     DELETE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     PUT_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    PUT_DELEGATION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    DELETE_DELEGATION_POLICY_FIELD_NUMBER: _ClassVar[int]
     put_agent: _resources_pb2.Agent
     delete_agent: str
     put_blueprint: _resources_pb2.AgentBlueprint
@@ -161,7 +163,9 @@ class Change(_message.Message):
     put_endpoint: _resources_pb2.Endpoint
     delete_endpoint: _resources_pb2.Endpoint
     put_bundle: _resources_pb2.TrustBundle
-    def __init__(self, put_agent: _Optional[_Union[_resources_pb2.Agent, _Mapping]] = ..., delete_agent: _Optional[str] = ..., put_blueprint: _Optional[_Union[_resources_pb2.AgentBlueprint, _Mapping]] = ..., delete_blueprint: _Optional[str] = ..., put_policy: _Optional[_Union[_resources_pb2.AccessPolicy, _Mapping]] = ..., delete_policy: _Optional[str] = ..., put_endpoint: _Optional[_Union[_resources_pb2.Endpoint, _Mapping]] = ..., delete_endpoint: _Optional[_Union[_resources_pb2.Endpoint, _Mapping]] = ..., put_bundle: _Optional[_Union[_resources_pb2.TrustBundle, _Mapping]] = ...) -> None: ...
+    put_delegation_policy: _resources_pb2.DelegationPolicy
+    delete_delegation_policy: str
+    def __init__(self, put_agent: _Optional[_Union[_resources_pb2.Agent, _Mapping]] = ..., delete_agent: _Optional[str] = ..., put_blueprint: _Optional[_Union[_resources_pb2.AgentBlueprint, _Mapping]] = ..., delete_blueprint: _Optional[str] = ..., put_policy: _Optional[_Union[_resources_pb2.AccessPolicy, _Mapping]] = ..., delete_policy: _Optional[str] = ..., put_endpoint: _Optional[_Union[_resources_pb2.Endpoint, _Mapping]] = ..., delete_endpoint: _Optional[_Union[_resources_pb2.Endpoint, _Mapping]] = ..., put_bundle: _Optional[_Union[_resources_pb2.TrustBundle, _Mapping]] = ..., put_delegation_policy: _Optional[_Union[_resources_pb2.DelegationPolicy, _Mapping]] = ..., delete_delegation_policy: _Optional[str] = ...) -> None: ...
 
 class SnapshotUpdate(_message.Message):
     __slots__ = ("epoch", "revision", "base_revision", "full", "changes")

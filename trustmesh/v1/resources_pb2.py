@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctrustmesh/v1/resources.proto\x12\x0ctrustmesh.v1\"~\n\x08Selector\x12\x13\n\tspiffe_id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x12\x13\n\tblueprint\x18\x03 \x01(\tH\x00\x12\x32\n\nattributes\x18\x04 \x01(\x0b\x32\x1c.trustmesh.v1.AttributeMatchH\x00\x42\x04\n\x02\x62y\"v\n\x0e\x41ttributeMatch\x12\x36\n\x05match\x18\x01 \x03(\x0b\x32\'.trustmesh.v1.AttributeMatch.MatchEntry\x1a,\n\nMatchEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9e\x02\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tblueprint\x18\x03 \x01(\t\x12\x0f\n\x07sponsor\x18\x04 \x01(\t\x12\x0e\n\x06owners\x18\x05 \x03(\t\x12\x37\n\nattributes\x18\x06 \x03(\x0b\x32#.trustmesh.v1.Agent.AttributesEntry\x12\x12\n\nexpires_at\x18\x07 \x01(\x03\x12\'\n\x05state\x18\x08 \x01(\x0e\x32\x18.trustmesh.v1.AgentState\x12\x17\n\x0f\x64isabled_reason\x18\t \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd7\x01\n\x0e\x41gentBlueprint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12O\n\x12\x64\x65\x66\x61ult_attributes\x18\x03 \x03(\x0b\x32\x33.trustmesh.v1.AgentBlueprint.DefaultAttributesEntry\x12\x17\n\x0f\x61llowed_methods\x18\x04 \x03(\t\x1a\x38\n\x16\x44\x65\x66\x61ultAttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x7f\n\x0c\x41\x63\x63\x65ssPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x07\x63\x61llers\x18\x02 \x03(\x0b\x32\x16.trustmesh.v1.Selector\x12\'\n\x07\x63\x61llees\x18\x03 \x03(\x0b\x32\x16.trustmesh.v1.Selector\x12\x0f\n\x07methods\x18\x04 \x03(\t\"C\n\x08\x45ndpoint\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"=\n\x0bTrustBundle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x18\n\x10x509_authorities\x18\x02 \x03(\x0c*[\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41GENT_STATE_ACTIVE\x10\x01\x12\x18\n\x14\x41GENT_STATE_DISABLED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctrustmesh/v1/resources.proto\x12\x0ctrustmesh.v1\"~\n\x08Selector\x12\x13\n\tspiffe_id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x12\x13\n\tblueprint\x18\x03 \x01(\tH\x00\x12\x32\n\nattributes\x18\x04 \x01(\x0b\x32\x1c.trustmesh.v1.AttributeMatchH\x00\x42\x04\n\x02\x62y\"v\n\x0e\x41ttributeMatch\x12\x36\n\x05match\x18\x01 \x03(\x0b\x32\'.trustmesh.v1.AttributeMatch.MatchEntry\x1a,\n\nMatchEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9e\x02\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tblueprint\x18\x03 \x01(\t\x12\x0f\n\x07sponsor\x18\x04 \x01(\t\x12\x0e\n\x06owners\x18\x05 \x03(\t\x12\x37\n\nattributes\x18\x06 \x03(\x0b\x32#.trustmesh.v1.Agent.AttributesEntry\x12\x12\n\nexpires_at\x18\x07 \x01(\x03\x12\'\n\x05state\x18\x08 \x01(\x0e\x32\x18.trustmesh.v1.AgentState\x12\x17\n\x0f\x64isabled_reason\x18\t \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd7\x01\n\x0e\x41gentBlueprint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12O\n\x12\x64\x65\x66\x61ult_attributes\x18\x03 \x03(\x0b\x32\x33.trustmesh.v1.AgentBlueprint.DefaultAttributesEntry\x12\x17\n\x0f\x61llowed_methods\x18\x04 \x03(\t\x1a\x38\n\x16\x44\x65\x66\x61ultAttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x7f\n\x0c\x41\x63\x63\x65ssPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x07\x63\x61llers\x18\x02 \x03(\x0b\x32\x16.trustmesh.v1.Selector\x12\'\n\x07\x63\x61llees\x18\x03 \x03(\x0b\x32\x16.trustmesh.v1.Selector\x12\x0f\n\x07methods\x18\x04 \x03(\t\"\xfb\x01\n\x10\x44\x65legationPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x07\x63\x61llees\x18\x02 \x03(\x0b\x32\x16.trustmesh.v1.Selector\x12\x32\n\x0f\x61llowed_origins\x18\x03 \x03(\x0b\x32\x19.trustmesh.v1.OriginMatch\x12\x33\n\rallowed_paths\x18\x04 \x03(\x0b\x32\x1c.trustmesh.v1.DelegationPath\x12\x11\n\tmax_depth\x18\x05 \x01(\r\x12\x17\n\x0frequired_scopes\x18\x06 \x03(\t\x12\x1b\n\x13require_user_origin\x18\x07 \x01(\x08\"e\n\x0bOriginMatch\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.trustmesh.v1.SelectorH\x00\x12\'\n\x04user\x18\x02 \x01(\x0b\x32\x17.trustmesh.v1.UserMatchH\x00\x42\x04\n\x02\x62y\"\x90\x01\n\tUserMatch\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x33\n\x06\x63laims\x18\x03 \x03(\x0b\x32#.trustmesh.v1.UserMatch.ClaimsEntry\x1a-\n\x0b\x43laimsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0e\x44\x65legationPath\x12+\n\x08\x65lements\x18\x01 \x03(\x0b\x32\x19.trustmesh.v1.PathElement\"l\n\x0bPathElement\x12\'\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.trustmesh.v1.SelectorH\x00\x12.\n\x08wildcard\x18\x02 \x01(\x0e\x32\x1a.trustmesh.v1.PathWildcardH\x00\x42\x04\n\x02\x62y\"C\n\x08\x45ndpoint\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"=\n\x0bTrustBundle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x18\n\x10x509_authorities\x18\x02 \x03(\x0c*[\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41GENT_STATE_ACTIVE\x10\x01\x12\x18\n\x14\x41GENT_STATE_DISABLED\x10\x02*[\n\x0cPathWildcard\x12\x1d\n\x19PATH_WILDCARD_UNSPECIFIED\x10\x00\x12\x15\n\x11PATH_WILDCARD_ONE\x10\x01\x12\x15\n\x11PATH_WILDCARD_ANY\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_AGENTBLUEPRINT_DEFAULTATTRIBUTESENTRY']._loaded_options = None
   _globals['_AGENTBLUEPRINT_DEFAULTATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_AGENTSTATE']._serialized_start=1062
-  _globals['_AGENTSTATE']._serialized_end=1153
+  _globals['_USERMATCH_CLAIMSENTRY']._loaded_options = None
+  _globals['_USERMATCH_CLAIMSENTRY']._serialized_options = b'8\001'
+  _globals['_AGENTSTATE']._serialized_start=1739
+  _globals['_AGENTSTATE']._serialized_end=1830
+  _globals['_PATHWILDCARD']._serialized_start=1832
+  _globals['_PATHWILDCARD']._serialized_end=1923
   _globals['_SELECTOR']._serialized_start=46
   _globals['_SELECTOR']._serialized_end=172
   _globals['_ATTRIBUTEMATCH']._serialized_start=174
@@ -55,8 +59,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTBLUEPRINT_DEFAULTATTRIBUTESENTRY']._serialized_end=799
   _globals['_ACCESSPOLICY']._serialized_start=801
   _globals['_ACCESSPOLICY']._serialized_end=928
-  _globals['_ENDPOINT']._serialized_start=930
-  _globals['_ENDPOINT']._serialized_end=997
-  _globals['_TRUSTBUNDLE']._serialized_start=999
-  _globals['_TRUSTBUNDLE']._serialized_end=1060
+  _globals['_DELEGATIONPOLICY']._serialized_start=931
+  _globals['_DELEGATIONPOLICY']._serialized_end=1182
+  _globals['_ORIGINMATCH']._serialized_start=1184
+  _globals['_ORIGINMATCH']._serialized_end=1285
+  _globals['_USERMATCH']._serialized_start=1288
+  _globals['_USERMATCH']._serialized_end=1432
+  _globals['_USERMATCH_CLAIMSENTRY']._serialized_start=1387
+  _globals['_USERMATCH_CLAIMSENTRY']._serialized_end=1432
+  _globals['_DELEGATIONPATH']._serialized_start=1434
+  _globals['_DELEGATIONPATH']._serialized_end=1495
+  _globals['_PATHELEMENT']._serialized_start=1497
+  _globals['_PATHELEMENT']._serialized_end=1605
+  _globals['_ENDPOINT']._serialized_start=1607
+  _globals['_ENDPOINT']._serialized_end=1674
+  _globals['_TRUSTBUNDLE']._serialized_start=1676
+  _globals['_TRUSTBUNDLE']._serialized_end=1737
 # @@protoc_insertion_point(module_scope)

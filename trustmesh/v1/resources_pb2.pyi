@@ -12,9 +12,18 @@ class AgentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGENT_STATE_UNSPECIFIED: _ClassVar[AgentState]
     AGENT_STATE_ACTIVE: _ClassVar[AgentState]
     AGENT_STATE_DISABLED: _ClassVar[AgentState]
+
+class PathWildcard(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PATH_WILDCARD_UNSPECIFIED: _ClassVar[PathWildcard]
+    PATH_WILDCARD_ONE: _ClassVar[PathWildcard]
+    PATH_WILDCARD_ANY: _ClassVar[PathWildcard]
 AGENT_STATE_UNSPECIFIED: AgentState
 AGENT_STATE_ACTIVE: AgentState
 AGENT_STATE_DISABLED: AgentState
+PATH_WILDCARD_UNSPECIFIED: PathWildcard
+PATH_WILDCARD_ONE: PathWildcard
+PATH_WILDCARD_ANY: PathWildcard
 
 class Selector(_message.Message):
     __slots__ = ("spiffe_id", "name", "blueprint", "attributes")
@@ -100,6 +109,63 @@ class AccessPolicy(_message.Message):
     callees: _containers.RepeatedCompositeFieldContainer[Selector]
     methods: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, name: _Optional[str] = ..., callers: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., callees: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DelegationPolicy(_message.Message):
+    __slots__ = ("name", "callees", "allowed_origins", "allowed_paths", "max_depth", "required_scopes", "require_user_origin")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CALLEES_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_ORIGINS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_PATHS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_SCOPES_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_USER_ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    callees: _containers.RepeatedCompositeFieldContainer[Selector]
+    allowed_origins: _containers.RepeatedCompositeFieldContainer[OriginMatch]
+    allowed_paths: _containers.RepeatedCompositeFieldContainer[DelegationPath]
+    max_depth: int
+    required_scopes: _containers.RepeatedScalarFieldContainer[str]
+    require_user_origin: bool
+    def __init__(self, name: _Optional[str] = ..., callees: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., allowed_origins: _Optional[_Iterable[_Union[OriginMatch, _Mapping]]] = ..., allowed_paths: _Optional[_Iterable[_Union[DelegationPath, _Mapping]]] = ..., max_depth: _Optional[int] = ..., required_scopes: _Optional[_Iterable[str]] = ..., require_user_origin: _Optional[bool] = ...) -> None: ...
+
+class OriginMatch(_message.Message):
+    __slots__ = ("agent", "user")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    agent: Selector
+    user: UserMatch
+    def __init__(self, agent: _Optional[_Union[Selector, _Mapping]] = ..., user: _Optional[_Union[UserMatch, _Mapping]] = ...) -> None: ...
+
+class UserMatch(_message.Message):
+    __slots__ = ("issuer", "subject", "claims")
+    class ClaimsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    issuer: str
+    subject: str
+    claims: _containers.ScalarMap[str, str]
+    def __init__(self, issuer: _Optional[str] = ..., subject: _Optional[str] = ..., claims: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class DelegationPath(_message.Message):
+    __slots__ = ("elements",)
+    ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    elements: _containers.RepeatedCompositeFieldContainer[PathElement]
+    def __init__(self, elements: _Optional[_Iterable[_Union[PathElement, _Mapping]]] = ...) -> None: ...
+
+class PathElement(_message.Message):
+    __slots__ = ("agent", "wildcard")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    WILDCARD_FIELD_NUMBER: _ClassVar[int]
+    agent: Selector
+    wildcard: PathWildcard
+    def __init__(self, agent: _Optional[_Union[Selector, _Mapping]] = ..., wildcard: _Optional[_Union[PathWildcard, str]] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("spiffe_id", "instance_id", "address")
