@@ -4,12 +4,13 @@
 |------------------------|---------------------------------------------------------------|
 | from the agent         | trustmesh-target, trustmesh-delegation-bin, trustmesh-user-token |
 | from a peer            | trustmesh-delegation-bin                                      |
-| set for the app        | trustmesh-caller (+ delegation keys once verified)            |
+| set for the app        | trustmesh-caller, trustmesh-delegation-bin, trustmesh-origin, trustmesh-chain |
 
 Every other `trustmesh-*` key, in any letter case, is dropped, and so are the HTTP/2
-and gRPC transport headers that grpc sets itself. The delegation keys are kept only
-where a verifier has checked them; until delegation chains are verified they are
-dropped too (fail closed).
+and gRPC transport headers that grpc sets itself. The delegation keys are never
+passed through as received: the outbound sidecar replaces the agent's chain with the
+one it extended and signed, and the inbound sidecar hands the app only a chain it
+verified. A user token that the sidecar verified goes no further than that sidecar.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from trustmesh_sidecar.engine import Header, Headers
 
 __all__ = [
     "CALLER",
+    "DELEGATION",
     "TARGET",
     "USER_TOKEN",
+    "bearer_token",
     "for_app",
     "for_peer",
     "strip_reserved",
@@ -77,13 +80,30 @@ def strip_reserved(headers: Iterable[Header]) -> list[Header]:
     ]
 
 
-def for_peer(agent_headers: Headers) -> list[Header]:
-    """Headers from the agent, as sent on to the callee's sidecar."""
-    return strip_reserved(agent_headers)
+AUTHORIZATION = "authorization"
 
 
-def for_app(peer_headers: Headers, caller: str) -> list[Header]:
-    """Headers from a peer, as handed to the local app."""
+def for_peer(agent_headers: Headers, chain: bytes | None, *, drop_authorization: bool) -> list[Header]:
+    """Headers from the agent, as sent on to the callee's sidecar, with our chain."""
+    out = strip_reserved(agent_headers)
+    if drop_authorization:  # the bearer token was ours to verify; it stops here
+        out = [(k, v) for k, v in out if k.lower() != AUTHORIZATION]
+    if chain is not None:
+        out.append((DELEGATION, chain))
+    return out
+
+
+def for_app(peer_headers: Headers, caller: str, chain: Iterable[Header] = ()) -> list[Header]:
+    """Headers from a peer, as handed to the local app, with the verified chain."""
     out = strip_reserved(peer_headers)
     out.append((CALLER, caller))
+    out.extend(chain)
     return out
+
+
+def bearer_token(headers: Iterable[Header]) -> str | None:
+    """The token of an `authorization: Bearer ...` header, if there is one."""
+    value = value_of(headers, AUTHORIZATION)
+    if isinstance(value, str) and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None

@@ -28,6 +28,7 @@ from trustmesh.limits import DEFAULT_LIMITS, Limits
 from trustmesh.resources import is_grpc_method
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.telemetry import ATTR, extract_context, inject_context, split_method
+from trustmesh_sidecar import chains
 from trustmesh_sidecar import headers as hdr
 from trustmesh_sidecar.engine import (
     CallControl,
@@ -128,6 +129,7 @@ class _Open:
     method: str
     control: CallControl
     span: trace.Span
+    chain: bytes | None
 
 
 class InboundRouter:
@@ -169,14 +171,22 @@ class InboundRouter:
         _audit("inbound", str(caller), me, call.method, decision)
         if not decision.allowed:
             return _deny(span, decision, state)
+        checked = chains.inbound_chain(state, call.headers, caller, call.method)
+        if not checked.allowed:
+            _audit("inbound", str(caller), me, call.method, checked.decision)
+            return _deny(span, checked.decision, state)
         state.counters.allowed += 1
         span.set_attribute(ATTR.DECISION, "allow")
         span.set_attribute(ATTR.REASON, decision.reason.value)
         if decision.policy:
             span.set_attribute(ATTR.POLICY, decision.policy)
+        chain = checked.chain
+        if chain is not None:
+            chains.annotate(span, chain)
         key = next(self._ids)
-        self._open[key] = _Open(caller, call.method, control, span)
-        headers = inject_context(hdr.for_app(call.headers, str(caller)), span)
+        self._open[key] = _Open(caller, call.method, control, span, chain.data if chain else None)
+        app_headers = hdr.for_app(call.headers, str(caller), chain.headers() if chain else ())
+        headers = inject_context(app_headers, span)
         observer = _SpanObserver(span, lambda: self._close(key))
         return Forward(self._app, tuple(headers), observer)
 
@@ -206,6 +216,10 @@ class InboundRouter:
             decision = authorize(
                 entry.caller, state.spiffe_id, entry.method, state.snapshot, now=now
             )
+            if decision.allowed and entry.chain is not None:
+                # A chain naming an agent disabled since is refused, open streams too.
+                with_chain = ((hdr.DELEGATION, entry.chain),)
+                decision = chains.inbound_chain(state, with_chain, entry.caller, entry.method).decision
             if not decision.allowed:
                 _audit("inbound", str(entry.caller), str(state.spiffe_id), entry.method, decision)
                 state.counters.denied += 1
@@ -291,12 +305,19 @@ class OutboundRouter:
         span.set_attribute(ATTR.CALLEE, str(callee))
         endpoint = endpoints[next(self._rr) % len(endpoints)]
         upstream = Upstream(endpoint.address, callee)
+        outgoing = chains.outbound_chain(state, call.headers, callee, call.method, span)
+        if isinstance(outgoing, Decision):
+            _audit("outbound", me, target, call.method, outgoing)
+            return _deny(span, outgoing, state)
         span.set_attribute(ATTR.DECISION, "allow")
         span.set_attribute(ATTR.REASON, Reason.ALLOWED.value)
         span.set_attribute("server.address", endpoint.address)
         state.counters.allowed += 1
         self._inflight += 1
-        headers = inject_context(hdr.for_peer(call.headers), span)
+        peer_headers = hdr.for_peer(
+            call.headers, outgoing.chain, drop_authorization=outgoing.drop_authorization
+        )
+        headers = inject_context(peer_headers, span)
         return Forward(
             upstream,
             tuple(headers),

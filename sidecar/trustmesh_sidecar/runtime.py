@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from trustmesh.channels import MeshChannels
 from trustmesh.limits import DEFAULT_LIMITS, Limits
 from trustmesh.spiffe_id import SpiffeId
+from trustmesh.user_token import IssuerConfig, UserTokenVerifier
 from trustmesh.v1 import sidecar_pb2 as spb
 from trustmesh.v1 import sidecar_pb2_grpc as sgrpc
 from trustmesh.x509svid import BundleSet, X509Svid
@@ -53,6 +54,8 @@ class SidecarConfig:
     inbound: str = "0.0.0.0:15443"
     admin: str = "127.0.0.1:15000"
     advertise: str = ""  # the inbound address peers should dial; default: --inbound
+    # Issuers of user access tokens this sidecar verifies (`--oidc-issuers`).
+    user_token_issuers: tuple[IssuerConfig, ...] = ()
     limits: Limits = DEFAULT_LIMITS
 
     def bootstrap_address(self) -> str:
@@ -134,6 +137,8 @@ class Sidecar:
         svid = await self.credentials.obtain()
         _, bundles = self.credentials.current()
         state = SidecarState(cfg.spiffe_id, svid, bundles, clock=self.clock)
+        if cfg.user_token_issuers:
+            state.user_tokens = UserTokenVerifier(cfg.user_token_issuers, limits=cfg.limits)
         self.state = state
         engine = GrpcEngine(svid, bundles, limits=cfg.limits, bridge_dir=cfg.data_dir / "bridge")
         self.engine = engine

@@ -11,9 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from trustmesh.delegation import ChainCache
 from trustmesh.peer_verify import PeerVerifier
 from trustmesh.snapshot import Snapshot
 from trustmesh.spiffe_id import SpiffeId, TrustDomain
+from trustmesh.user_token import UserTokenVerifier
 from trustmesh.x509svid import BundleSet, TrustBundle, X509Svid
 
 __all__ = ["Counters", "SidecarState", "system_clock"]
@@ -49,6 +51,10 @@ class SidecarState:
         self.registry_connected = False
         self.clock = clock
         self.counters = Counters()
+        # Delegation: verified chain prefixes and certificates, and the user-token
+        # issuers this sidecar trusts (None: user tokens are refused).
+        self.chain_cache = ChainCache()
+        self.user_tokens: UserTokenVerifier | None = None
         self._listeners: list[Callable[[], None]] = []
         self._credential_listeners: list[Callable[[X509Svid, BundleSet], None]] = []
 

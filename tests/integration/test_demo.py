@@ -43,9 +43,17 @@ def test_demo_runs_the_scenario_and_leaves_nothing_behind() -> None:
     assert ("orchestrator", "tool", "/demo.Tool/Invoke", "no_matching_policy") in by_reason
     assert ("impostor", "planner", "/demo.Planner/Plan", "agent_not_registered") in by_reason
     assert ("orchestrator", "planner", "/demo.Planner/Plan", "agent_disabled") in by_reason
+    # Delegation: mallory's orchestration is refused by the planner's DelegationPolicy.
+    assert ("orchestrator", "planner", "/demo.Planner/Plan", "chain_origin_not_allowed") in by_reason
     # The trace tree links the planner's onward call under the orchestrator's call.
     tree = out[out.index("traces (from exported spans):"):]
     assert "[server@planner] /demo.Planner/Plan" in tree
     assert "[client@planner] /demo.Tool/Invoke" in tree
+    # alice's orchestration reached the tool with the verified chain on its span.
+    assert (
+        "[server@tool] /demo.Tool/Invoke  planner -> tool  allow (allowed)" in tree
+        and "[origin alice@example.com@https://idp.demo.local; chain orchestrator > planner > tool]"
+        in tree
+    )
     assert elapsed < 30, f"demo took {elapsed:.1f}s"
     assert _sidecar_processes() - before == set(), "the demo left sidecar processes behind"

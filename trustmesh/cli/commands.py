@@ -274,6 +274,7 @@ def cmd_registry_serve(args: argparse.Namespace) -> int:
 
 def cmd_sidecar_run(args: argparse.Namespace) -> int:
     from trustmesh.telemetry import configure_tracing
+    from trustmesh_sidecar.oidc_config import load_issuers
     from trustmesh_sidecar.runtime import Sidecar, SidecarConfig
 
     missing = [
@@ -299,6 +300,7 @@ def cmd_sidecar_run(args: argparse.Namespace) -> int:
         advertise=args.advertise or "",
         admin=args.admin,
         data_dir=Path(args.data_dir),
+        user_token_issuers=load_issuers(Path(args.oidc_issuers)) if args.oidc_issuers else (),
     )
     sidecar = Sidecar(config, tracer_provider=provider)
 

@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--advertise", "TRUSTMESH_ADVERTISE", "", "the inbound address peers dial"),
         ("--admin", "TRUSTMESH_ADMIN", "127.0.0.1:15000", "health and the local API"),
         ("--data-dir", "TRUSTMESH_DATA_DIR", None, "where the SVID is kept (0700)"),
+        ("--oidc-issuers", "TRUSTMESH_OIDC_ISSUERS", None, "YAML file of trusted user-token issuers"),
     ]:
         value = _env(env, default)
         run.add_argument(flag, default=value, help=f"{help_} (${env})")

@@ -21,6 +21,16 @@ def _md(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
+# What an agent copies from the call it serves into the calls it makes: the trace
+# context, the delegation chain its sidecar verified, and (the first agent only) the
+# user's bearer token, which its own sidecar verifies and does not forward.
+_CARRIED = ("traceparent", "trustmesh-delegation-bin", "authorization")
+
+
+def carried(context: grpc.aio.ServicerContext) -> list[tuple[str, str | bytes]]:
+    return [(k, v) for k, v in (context.invocation_metadata() or ()) if k in _CARRIED]
+
+
 async def call_through(
     outbound: str,
     target: str,
@@ -28,11 +38,12 @@ async def call_through(
     payload: dict[str, Any],
     *,
     traceparent: str | None = None,
+    carry: list[tuple[str, str | bytes]] | None = None,
     stream: bool = False,
     timeout: float = 5.0,
 ) -> dict[str, Any]:
     """One call through a sidecar; returns the outcome as data (never raises)."""
-    metadata: list[tuple[str, str]] = [("trustmesh-target", target)]
+    metadata: list[tuple[str, str | bytes]] = [("trustmesh-target", target), *(carry or [])]
     if traceparent:
         metadata.append(("traceparent", traceparent))
     body = json.dumps(payload).encode()
@@ -90,36 +101,26 @@ class AgentApp:
         return md
 
     async def _run(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        md = self._note(context)
+        self._note(context)
         task = json.loads(request)
-        tp = md.get("traceparent")
-        plan = await call_through(
-            self.outbound, "planner", "/demo.Planner/Plan", task, traceparent=tp
-        )
+        carry = carried(context)
+        plan = await call_through(self.outbound, "planner", "/demo.Planner/Plan", task, carry=carry)
         steps = await call_through(
-            self.outbound, "planner", "/demo.Planner/StreamPlan", task, traceparent=tp, stream=True
+            self.outbound, "planner", "/demo.Planner/StreamPlan", task, carry=carry, stream=True
         )
         return json.dumps({"plan": plan, "steps": steps}).encode()
 
     async def _shortcut(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        md = self._note(context)
+        self._note(context)
         result = await call_through(
-            self.outbound,
-            "tool",
-            "/demo.Tool/Invoke",
-            json.loads(request),
-            traceparent=md.get("traceparent"),
+            self.outbound, "tool", "/demo.Tool/Invoke", json.loads(request), carry=carried(context)
         )
         return json.dumps(result).encode()
 
     async def _plan(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        md = self._note(context)
+        self._note(context)
         tool = await call_through(
-            self.outbound,
-            "tool",
-            "/demo.Tool/Invoke",
-            json.loads(request),
-            traceparent=md.get("traceparent"),
+            self.outbound, "tool", "/demo.Tool/Invoke", json.loads(request), carry=carried(context)
         )
         return json.dumps({"planner": "ok", "tool": tool}).encode()
 
@@ -132,4 +133,7 @@ class AgentApp:
 
     async def _invoke(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         md = self._note(context)
-        return json.dumps({"tool": "done", "caller": md.get("trustmesh-caller")}).encode()
+        reply = {"tool": "done", "caller": md.get("trustmesh-caller")}
+        if "trustmesh-origin" in md:  # a delegated call: who started it, and the path
+            reply |= {"origin": md["trustmesh-origin"], "chain": md.get("trustmesh-chain")}
+        return json.dumps(reply).encode()

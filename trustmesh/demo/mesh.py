@@ -126,6 +126,7 @@ class LocalMesh:
         spiffe_id: SpiffeId | None = None,
         token: str | None = None,
         ready_timeout: float = 20.0,
+        env_extra: dict[str, str] | None = None,
     ) -> SidecarProcess:
         assert self.registry is not None
         sid = spiffe_id or self.spiffe_id(name)
@@ -155,6 +156,7 @@ class LocalMesh:
         else:
             env["OTEL_TRACES_EXPORTER"] = "none"
         env.update(self.extra_env)
+        env.update(env_extra or {})
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

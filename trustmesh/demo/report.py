@@ -69,7 +69,12 @@ def _label(s: ReceivedSpan) -> str:
     who = _short(a.get("trustmesh.caller.spiffe_id")) + " -> " + _short(callee)
     verdict = f"{a.get('trustmesh.decision', '?')} ({a.get('trustmesh.reason', '?')})"
     where = s.service.removeprefix("sidecar-")
-    return f"[{side}@{where}] /{s.name}  {who}  {verdict}  {s.duration_ms:.1f} ms"
+    line = f"[{side}@{where}] /{s.name}  {who}  {verdict}  {s.duration_ms:.1f} ms"
+    origin = a.get("trustmesh.origin")
+    if origin:  # a verified delegation chain: who started it, and through whom
+        path = " > ".join(_short(p) for p in str(a.get("trustmesh.chain", "")).split(" > "))
+        line += f"  [origin {str(origin).removeprefix('user:')}; chain {path}]"
+    return line
 
 
 def _walk(

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from trustmesh.demo.apps import AgentApp, call_through
+from trustmesh.demo.idp import DemoIdp
 from trustmesh.demo.mesh import LocalMesh
 from trustmesh.demo.otlp_receiver import OtlpReceiver
 from trustmesh.demo.report import render_table, render_tree
@@ -48,6 +49,8 @@ async def _scenario(root: Path) -> int:
     await receiver.start()
     mesh = LocalMesh(root, otlp_endpoint=receiver.endpoint)
     apps = {name: AgentApp(name) for name in ("orchestrator", "planner", "tool")}
+    idp = DemoIdp(root / "idp")
+    oidc = {"TRUSTMESH_OIDC_ISSUERS": str(idp.config_path)}
     try:
         t0 = time.monotonic()
         await mesh.start_registry()
@@ -60,7 +63,12 @@ async def _scenario(root: Path) -> int:
         for app in apps.values():
             await app.start()
         sidecars = await asyncio.gather(
-            *(mesh.start_sidecar(name, app.address) for name, app in apps.items()),
+            *(
+                mesh.start_sidecar(
+                    name, app.address, env_extra=oidc if name == "orchestrator" else None
+                )
+                for name, app in apps.items()
+            ),
             mesh.start_sidecar("impostor", "127.0.0.1:9", spiffe_id=mesh.spiffe_id("impostor")),
         )
         for sc in sidecars:
@@ -89,7 +97,21 @@ async def _scenario(root: Path) -> int:
         )
         say(f"   {_brief(r)}")
 
-        say("4. an operator disables the planner mid-run; the same task is now refused")
+        say("4. on behalf of a user: alice (analysts) asks; the tool sees who started it, and how")
+        token = idp.token("alice@example.com", ["analysts"])
+        r = await _direct(
+            orch.address, "/demo.Orchestrator/Run", {"task": "quarterly numbers"}, bearer=token
+        )
+        say(f"   {_brief(r)}")
+
+        say("5. mallory (interns) asks the same: the planner's DelegationPolicy refuses the chain")
+        token = idp.token("mallory@example.com", ["interns"])
+        r = await _direct(
+            orch.address, "/demo.Orchestrator/Run", {"task": "quarterly numbers"}, bearer=token
+        )
+        say(f"   {_brief(r)}")
+
+        say("6. an operator disables the planner mid-run; the same task is now refused")
         await mesh.set_disabled("planner", True, "incident INC-1234")
         await asyncio.sleep(0.3)
         r = await _direct(orch.address, "/demo.Orchestrator/Run", {"task": "summarise the quarter"})
@@ -107,11 +129,15 @@ async def _scenario(root: Path) -> int:
     return 0
 
 
-async def _direct(address: str, method: str, payload: dict[str, object]) -> dict[str, object]:
+async def _direct(
+    address: str, method: str, payload: dict[str, object], *, bearer: str | None = None
+) -> dict[str, object]:
     """The driver starts a task by calling the orchestrator app (the user's entry point)."""
     import grpc
 
     metadata = [("traceparent", _traceparent())]
+    if bearer:
+        metadata.append(("authorization", f"Bearer {bearer}"))
     async with grpc.aio.insecure_channel(address) as channel:
         try:
             reply = await channel.unary_unary(method)(
