@@ -51,7 +51,10 @@ def channel_options(limits: Limits) -> list[tuple[str, Any]]:
         ("grpc.max_metadata_size", limits.max_metadata_bytes),
         ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
+        # Despite its name, grpc core uses this as the minimum time a connection
+        # attempt may take (handshake through the TLS bridge included) before it is
+        # abandoned. At 100 ms a loaded machine failed connects; keep it generous.
+        ("grpc.min_reconnect_backoff_ms", 10_000),
         ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.enable_retries", 0),
     ]

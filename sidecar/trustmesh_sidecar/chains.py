@@ -15,6 +15,7 @@ depth and hops go on the span.
 from __future__ import annotations
 
 import secrets
+from datetime import datetime
 
 from opentelemetry import trace
 
@@ -41,8 +42,16 @@ _MALFORMED = b"\x00"  # a text value where bytes belong: let the verifier refuse
 
 
 def inbound_chain(
-    state: SidecarState, headers: Headers, caller: SpiffeId, method: str
+    state: SidecarState,
+    headers: Headers,
+    caller: SpiffeId,
+    method: str,
+    *,
+    at: datetime | None = None,
 ) -> ChainDecision:
+    """Verify the call's chain. `at` re-checks an open call as of when it started:
+    a chain's expiry gates the start of a call; agent status and policy are always
+    taken from the current snapshot."""
     raw = hdr.value_of(headers, hdr.DELEGATION)
     data = raw if isinstance(raw, bytes) or raw is None else _MALFORMED
     return verify_chain(
@@ -53,7 +62,7 @@ def inbound_chain(
         snapshot=state.snapshot,
         verifier=state.verifier,
         cache=state.chain_cache,
-        now=state.now(),
+        now=at or state.now(),
     )
 
 
@@ -84,7 +93,8 @@ def _user_origin(state: SidecarState, headers: Headers) -> tuple[UserOrigin | No
         user = state.user_tokens.verify(token, now=state.now())
     except UserTokenError as e:
         return Decision.deny(Reason.USER_TOKEN_INVALID, e.message)
-    return user, explicit is None
+    # Whichever header carried it, an `Authorization: Bearer` goes no further.
+    return user, bearer is not None
 
 
 def outbound_chain(

@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -130,6 +131,7 @@ class _Open:
     control: CallControl
     span: trace.Span
     chain: bytes | None
+    started: datetime
 
 
 class InboundRouter:
@@ -184,7 +186,9 @@ class InboundRouter:
         if chain is not None:
             chains.annotate(span, chain)
         key = next(self._ids)
-        self._open[key] = _Open(caller, call.method, control, span, chain.data if chain else None)
+        self._open[key] = _Open(
+            caller, call.method, control, span, chain.data if chain else None, now
+        )
         app_headers = hdr.for_app(call.headers, str(caller), chain.headers() if chain else ())
         headers = inject_context(app_headers, span)
         observer = _SpanObserver(span, lambda: self._close(key))
@@ -219,7 +223,9 @@ class InboundRouter:
             if decision.allowed and entry.chain is not None:
                 # A chain naming an agent disabled since is refused, open streams too.
                 with_chain = ((hdr.DELEGATION, entry.chain),)
-                decision = chains.inbound_chain(state, with_chain, entry.caller, entry.method).decision
+                decision = chains.inbound_chain(
+                    state, with_chain, entry.caller, entry.method, at=entry.started
+                ).decision
             if not decision.allowed:
                 _audit("inbound", str(entry.caller), str(state.spiffe_id), entry.method, decision)
                 state.counters.denied += 1

@@ -301,3 +301,66 @@ async def unary(
         call = channel.unary_unary(method)(body, metadata=md, timeout=timeout)
         reply = await call
         return reply, call
+
+
+# -- delegation ------------------------------------------------------------------------------
+
+
+def delegation_policy(
+    name: str,
+    callees: list[dict[str, Any]],
+    origins: list[dict[str, Any]],
+    paths: list[list[dict[str, Any] | str]],
+    **spec: Any,
+) -> dict[str, Any]:
+    """A DelegationPolicy document; `spec` adds maxDepth, requiredScopes, requireUserOrigin."""
+    return {
+        "apiVersion": "trustmesh.dev/v1alpha1",
+        "kind": "DelegationPolicy",
+        "metadata": {"name": name},
+        "spec": {"callees": callees, "allowedOrigins": origins, "allowedPaths": paths, **spec},
+    }
+
+
+def trust_user_tokens(node: Node, issuers_file: Path) -> None:
+    """Make `node`'s sidecar verify user access tokens from the issuers listed in
+    `issuers_file` (the `--oidc-issuers` YAML), as `SidecarConfig.user_token_issuers`
+    does at start."""
+    from trustmesh.user_token import UserTokenVerifier
+    from trustmesh_sidecar.oidc_config import load_issuers
+
+    state = node.sidecar.state
+    assert state is not None, "start the node first"
+    state.user_tokens = UserTokenVerifier(
+        load_issuers(issuers_file), limits=node.sidecar.config.limits
+    )
+
+
+async def add_with_app(mesh: Mesh, name: str, app: EchoApp) -> Node:
+    """`Mesh.add`, but the sidecar forwards to `app`: an `EchoApp` subclass whose
+    `start()` serves the test's own services (started here)."""
+    assert mesh.registry is not None
+    sid = agent_id(name)
+    await app.start()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    config = SidecarConfig(
+        spiffe_id=sid,
+        registry=mesh.registry.address,
+        registry_bootstrap=mesh.registry.bootstrap_address,
+        join_token=await mesh.token(sid),
+        trust_bundle=mesh.bundle_path,
+        app=app.address,
+        outbound="127.0.0.1:0",
+        inbound="127.0.0.1:0",
+        admin="127.0.0.1:0",
+        data_dir=mesh.root / "sidecars" / name,
+        limits=mesh.limits,
+    )
+    sidecar = Sidecar(config, tracer_provider=provider)
+    await sidecar.start()
+    await sidecar.wait_ready()
+    node = Node(name, sidecar, app, exporter)
+    mesh.nodes[name] = node
+    return node

@@ -359,8 +359,6 @@ async def test_agent_cannot_set_reserved_keys_for_the_callee(
     spoof: list[tuple[str, str | bytes]] = [
         ("trustmesh-caller", "spiffe://test.local/agents/carol"),
         ("trustmesh-caller", str(agent_id("bob"))),
-        ("trustmesh-delegation-bin", b"\x00junk"),  # unverifiable: dropped (headers.py)
-        ("trustmesh-user-token", "forged"),
         ("trustmesh-target", "carol"),  # a second target: the first one wins, and is dropped
         ("trustmesh-anything", "x"),
         ("trustmesh-caller-bin", b"\x01"),
@@ -368,6 +366,31 @@ async def test_agent_cannot_set_reserved_keys_for_the_callee(
     await unary(trio.nodes["alice"].outbound, "bob", metadata=spoof, timeout=WAIT)
     assert [reserved(md) for md in seen] == [[("trustmesh-caller", ALICE)]]
     assert trio.nodes["carol"].app.received == []
+    await still_serves(trio)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "code", "details"),
+    [
+        ("trustmesh-delegation-bin", b"\x00junk", grpc.StatusCode.INVALID_ARGUMENT,
+         "trustmesh: chain_malformed: "),
+        ("trustmesh-user-token", "forged", grpc.StatusCode.UNAUTHENTICATED,
+         "trustmesh: user_token_invalid: this sidecar trusts no user-token issuers"),
+    ],
+    ids=["unverifiable-chain", "user-token-without-issuers"],
+)
+async def test_agent_claims_its_sidecar_cannot_back_are_refused_at_the_source(
+    trio: Mesh, monkeypatch: pytest.MonkeyPatch, key: str, value: str | bytes,
+    code: grpc.StatusCode, details: str,
+) -> None:
+    """A chain or user token the agent asks for but its sidecar can't vouch for is
+    refused, not silently dropped: dropping it would send a different claim."""
+    seen = record_raw(monkeypatch, trio.nodes["bob"])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await unary(trio.nodes["alice"].outbound, "bob", metadata=[(key, value)], timeout=WAIT)
+    assert err.value.code() == code
+    assert (err.value.details() or "").startswith(details), err.value.details()
+    assert seen == []
     await still_serves(trio)
 
 

@@ -1,0 +1,353 @@
+"""One forwarded call: the caller's stream (`down`) joined to a stream to the upstream.
+
+Message bytes are relayed as they arrive, never parsed, except that the 5-byte gRPC
+length prefixes are read as they pass (`MessageMeter`) to enforce the message limit.
+Headers are re-encoded per connection; the router's header list replaces the
+caller's metadata, and the transport fields the bytes depend on (content-type,
+grpc-encoding) are carried over.
+
+Invariants:
+* `observer.finished` runs exactly once, whatever ends the call: the upstream's
+  status, a reset from either side, a lost connection, the deadline, the message
+  limit or `abort()` (revocation).
+* Once the call has ended, both streams are closed or closing and unlinked from it;
+  bytes that still arrive are credited and dropped by the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from trustmesh.errors import Code, format_details
+from trustmesh_sidecar.engine import Forward, Headers
+from trustmesh_sidecar.h2 import grpc_wire as wire
+from trustmesh_sidecar.h2.connection import CONNECTION_LOST, H2Connection
+from trustmesh_sidecar.h2.frames import ErrorCode
+from trustmesh_sidecar.h2.hpack_cache import RawHeaders
+from trustmesh_sidecar.h2.streams import Fields, Stream
+
+__all__ = ["Call", "MessageMeter", "reject", "trailers_only"]
+
+log = logging.getLogger(__name__)
+
+# Finds or dials a connection to the upstream: the engine's pool.
+Connect = Callable[[Forward], "H2Connection | Awaitable[H2Connection]"]
+
+
+class MessageMeter:
+    """Follows gRPC length prefixes through a byte stream without buffering messages."""
+
+    __slots__ = ("head", "limit", "remaining")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.remaining = 0  # body bytes of the current message still to come
+        self.head = b""  # a prefix split across frames
+
+    def feed(self, data: bytes) -> int | None:
+        """None, or the length of a message over the limit that starts in `data`."""
+        i, n = 0, len(data)
+        while i < n:
+            if self.remaining:
+                take = min(self.remaining, n - i)
+                self.remaining -= take
+                i += take
+                continue
+            need = 5 - len(self.head)
+            self.head += data[i : i + need]
+            i += need
+            if len(self.head) == 5:
+                length = int.from_bytes(self.head[1:5], "big")
+                self.head = b""
+                self.remaining = length
+                if length > self.limit:
+                    return length
+        return None
+
+
+def trailers_only(code: Code, details: str, metadata: Headers = ()) -> Fields:
+    fields = [
+        (b":status", b"200"),
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", b"%d" % code.value),
+    ]
+    if details:
+        fields.append((b"grpc-message", wire.encode_message(details)))
+    fields += wire.metadata_fields(metadata)
+    return fields
+
+
+def reject(stream: Stream, code: Code, details: str) -> None:
+    """Answer a call we won't forward; its request bytes are then dropped."""
+    stream.handler = None
+    stream.send_headers(trailers_only(code, details), True)
+    if not stream.remote_done:
+        stream.send_reset(ErrorCode.NO_ERROR)
+
+
+class Call:
+    __slots__ = (
+        "_connect",
+        "_loop",
+        "_pending",
+        "_task",
+        "_timer",
+        "deadline",
+        "done",
+        "down",
+        "fwd",
+        "headers_in",
+        "headers_out",
+        "max_header_bytes",
+        "request",
+        "request_meter",
+        "response_meter",
+        "scheme",
+        "up",
+    )
+
+    def __init__(
+        self,
+        down: Stream,
+        request: wire.Request,
+        fwd: Forward,
+        *,
+        connect: Connect,
+        scheme: bytes,
+        max_message_bytes: int,
+        max_header_bytes: int,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.down = down
+        self.request = request
+        self.fwd = fwd
+        self._connect = connect
+        self.scheme = scheme
+        self.up: Stream | None = None
+        self._pending: list[tuple[bytes, bool]] = [(b"", True)] if down.remote_done else []
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.request_meter = MessageMeter(max_message_bytes)
+        self.response_meter = MessageMeter(max_message_bytes)
+        self.max_header_bytes = max_header_bytes
+        self.headers_in = False  # the upstream's response headers arrived
+        self.headers_out = False  # and went downstream
+        self.done = False
+        self.deadline: float | None = None
+        if request.timeout is not None:
+            self.deadline = self._loop.time() + request.timeout
+            self._timer = self._loop.call_at(self.deadline, self._expired)
+        down.handler = self
+
+    def start(self) -> None:
+        got = self._connect(self.fwd)
+        if isinstance(got, H2Connection):
+            self._open(got)
+        else:
+            self._task = self._loop.create_task(self._dial(got))
+
+    async def _dial(self, pending: Awaitable[H2Connection]) -> None:
+        try:
+            conn = await pending
+        except asyncio.CancelledError:
+            return
+        except Exception as e:
+            self._unreachable(str(e))
+            return
+        if not self.done:
+            self._open(conn)
+
+    def _open(self, conn: H2Connection) -> None:
+        up = conn.open_stream(self)
+        self.up = up
+        up.source, self.down.source = self.down, up
+        req = self.request
+        fields: Fields = [
+            (b":method", b"POST"),
+            (b":scheme", self.scheme),
+            (b":path", req.path.encode("latin-1")),
+            (b":authority", self.fwd.upstream.address.encode("latin-1")),
+            (b"content-type", req.content_type),
+            (b"te", b"trailers"),
+        ]
+        if self.deadline is not None:
+            left = self.deadline - self._loop.time()
+            fields.append((b"grpc-timeout", wire.format_timeout(max(left, 0.001)).encode()))
+        if req.encoding is not None:
+            fields.append((b"grpc-encoding", req.encoding))
+        if req.accept_encoding is not None:
+            fields.append((b"grpc-accept-encoding", req.accept_encoding))
+        fields += wire.metadata_fields(self.fwd.headers)
+        up.send_headers(fields, False)
+        pending, self._pending = self._pending, []
+        for data, end in pending:
+            up.send_data(data, end)
+
+    # -- StreamHandler --------------------------------------------------------------------
+
+    def on_data(self, stream: Stream, data: bytes, end: bool) -> None:
+        if stream is self.down:
+            over = self.request_meter.feed(data)
+            if over is not None:
+                stream.conn.credit(stream, len(data))
+                self.fail(Code.RESOURCE_EXHAUSTED, _too_large("request", over, self))
+            elif self.up is not None:
+                self.up.send_data(data, end)
+            else:
+                self._pending.append((data, end))
+            return
+        over = self.response_meter.feed(data)
+        if not self.headers_out or over is not None:
+            stream.conn.credit(stream, len(data))
+            if over is not None:
+                self.fail(Code.RESOURCE_EXHAUSTED, _too_large("response", over, self))
+            else:
+                self.fail(Code.INTERNAL, _details("upstream sent DATA before headers"))
+            return
+        self.down.send_data(data, False)
+        if end:
+            self.fail(Code.INTERNAL, _details("upstream ended the stream without a status"))
+
+    def on_headers(self, stream: Stream, headers: RawHeaders, size: int, end: bool) -> None:
+        if stream is self.down:  # request trailers: gRPC has none; take them as the end
+            if self.up is not None:
+                self.up.send_data(b"", True)
+            else:
+                self._pending.append((b"", True))
+            return
+        if size > self.max_header_bytes:
+            self.fail(Code.RESOURCE_EXHAUSTED, format_details(
+                "limit_exceeded", f"response header list of {size} bytes exceeds the limit of "
+                f"{self.max_header_bytes}"))
+            return
+        try:
+            resp = wire.parse_response(headers, trailers=self.headers_in)
+        except wire.Malformed as e:
+            self.fail(Code.INTERNAL, _details(f"malformed response from upstream: {e}"))
+            return
+        if not self.headers_in:
+            self.headers_in = True
+            if resp.status != 200:
+                self.fail(wire.status_of_http(resp.status or 0),
+                          _details(f"upstream answered HTTP {resp.status}"))
+                return
+            if not end:
+                observer = self.fwd.observer
+                fields: Fields = [
+                    (b":status", b"200"),
+                    (b"content-type", resp.content_type or b"application/grpc"),
+                ]
+                if resp.encoding is not None:
+                    fields.append((b"grpc-encoding", resp.encoding))
+                if resp.accept_encoding is not None:
+                    fields.append((b"grpc-accept-encoding", resp.accept_encoding))
+                fields += wire.metadata_fields(observer.response_headers(resp.metadata))
+                self.down.send_headers(fields, False)
+                self.headers_out = True
+                return
+        elif not end:
+            self.fail(Code.INTERNAL, _details("upstream sent a second header block"))
+            return
+        self._status(resp)
+
+    def on_reset(self, stream: Stream, code: int, reason: str) -> None:
+        if self.done:
+            return
+        if stream is self.down:
+            self.fail(Code.CANCELLED, "cancelled by the caller")
+        elif code == CONNECTION_LOST:
+            self._unreachable(reason)
+        else:
+            self.fail(wire.status_of_reset(code), _details(f"upstream stream {reason}"))
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def _status(self, resp: wire.Response) -> None:
+        """The upstream's trailers (or trailers-only answer): the call's status."""
+        code = wire.grpc_code(resp.grpc_status)
+        details = resp.grpc_message
+        if code is Code.UNAVAILABLE and self.fwd.explain_unavailable is not None:
+            code, details = self.fwd.explain_unavailable() or (code, details)
+        metadata = self.fwd.observer.response_headers(resp.metadata)
+        if self.headers_out:
+            fields: Fields = [(b"grpc-status", b"%d" % code.value)]
+            if details:
+                fields.append((b"grpc-message", wire.encode_message(details)))
+            fields += wire.metadata_fields(metadata)
+        else:
+            fields = trailers_only(code, details, metadata)
+        if resp.details_bin is not None:
+            fields.append((b"grpc-status-details-bin", resp.details_bin))
+        self._end_down(fields)
+        self._end(code, details)
+
+    def _unreachable(self, why: str) -> None:
+        code, details = Code.UNAVAILABLE, format_details(
+            "upstream_unavailable", f"cannot reach {self.fwd.upstream.address}: {why}"
+        )
+        if self.fwd.explain_unavailable is not None:
+            code, details = self.fwd.explain_unavailable() or (code, details)
+        self.fail(code, details)
+
+    def _expired(self) -> None:
+        self._timer = None
+        self.fail(Code.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    def abort(self, code: Code, details: str) -> None:
+        """CallControl: end the call now with this status (revocation)."""
+        self.fail(code, details)
+
+    def fail(self, code: Code, details: str) -> None:
+        """End the call with a status of our own: the caller gets it, the upstream a reset."""
+        if self.done:
+            return
+        self.down.discard()  # queued response bytes must not delay the status
+        if self.headers_out:
+            fields: Fields = [(b"grpc-status", b"%d" % code.value)]
+            if details:
+                fields.append((b"grpc-message", wire.encode_message(details)))
+        else:
+            fields = trailers_only(code, details)
+        self._end_down(fields)
+        self._end(code, details)
+
+    def _end_down(self, fields: Fields) -> None:
+        down = self.down
+        down.handler = None
+        down.send_headers(fields, True)
+        if not down.remote_done:
+            down.send_reset(ErrorCode.NO_ERROR)
+        up = self.up
+        if up is not None:
+            up.handler = None
+            if not up.closed:
+                up.reset_now(ErrorCode.CANCEL)
+
+    def _end(self, code: Code, details: str) -> None:
+        self.done = True
+        held = sum(len(data) for data, _ in self._pending)
+        self._pending = []
+        if held:
+            self.down.conn.credit(self.down, held)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        try:
+            self.fwd.observer.finished(code, details)
+        except Exception:
+            log.exception("call observer failed")
+
+
+def _details(message: str) -> str:
+    return format_details("upstream_protocol", message)
+
+
+def _too_large(what: str, size: int, call: Call) -> str:
+    return format_details(
+        "limit_exceeded",
+        f"{what} message of {size} bytes exceeds the limit of {call.request_meter.limit}",
+    )
+

@@ -1,0 +1,319 @@
+"""gRPC over HTTP/2 (PROTOCOL-HTTP2.md): header fields <-> metadata, timeouts, status.
+
+Pure functions over decoded header lists; nothing here does I/O.
+
+* Metadata keys ending in `-bin` carry base64 on the wire and bytes above the seam;
+  other values are kept as latin-1 text, so every byte survives a round trip.
+* A request is malformed (RFC 9113 8.2, 8.3) when a field name has upper-case letters
+  or is connection-specific, a pseudo-header is unknown, repeated or after a regular
+  field, or a value holds NUL, CR or LF. The message says which.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from dataclasses import dataclass
+
+from trustmesh.errors import Code
+from trustmesh_sidecar.engine import Header, Headers
+from trustmesh_sidecar.h2.frames import ErrorCode
+from trustmesh_sidecar.h2.hpack_cache import RawHeaders
+
+__all__ = [
+    "Malformed",
+    "Request",
+    "Response",
+    "decode_message",
+    "encode_message",
+    "format_timeout",
+    "grpc_code",
+    "metadata_fields",
+    "parse_request",
+    "parse_response",
+    "parse_timeout",
+    "status_of_http",
+    "status_of_reset",
+]
+
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
+_NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+# Checked fields, both ways, keyed by the field itself; per-call values are not kept.
+_UNCACHED = frozenset({b"grpc-timeout", b"traceparent", b"tracestate", b"grpc-message"})
+_CACHE_ENTRIES = 4096
+_IN: dict[tuple[bytes, bytes], Header] = {}
+_OUT: dict[Header, tuple[bytes, bytes] | None] = {}
+_TIMEOUT_RE = re.compile(r"([0-9]{1,8})([HMSmun])")
+_UNIT = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    path: str
+    authority: str
+    metadata: Headers  # every non-pseudo field, as metadata
+    content_type: bytes
+    timeout: float | None
+    encoding: bytes | None  # grpc-encoding: the message bytes depend on it
+    accept_encoding: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int | None  # :status of an initial HEADERS; None for trailers
+    metadata: Headers
+    grpc_status: int | None
+    grpc_message: str
+    details_bin: bytes | None  # grpc-status-details-bin, raw (base64) as received
+    content_type: bytes | None
+    encoding: bytes | None
+    accept_encoding: bytes | None
+
+
+class Malformed(ValueError):
+    pass
+
+
+def _value_ok(value: bytes) -> bool:
+    return b"\x00" not in value and b"\r" not in value and b"\n" not in value
+
+
+def _to_metadata(name: bytes, value: bytes) -> Header:
+    key = name.decode("ascii")
+    if key.endswith("-bin"):
+        try:
+            return key, base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise Malformed(f"metadata {key!r} is not base64") from e
+    return key, value.decode("latin-1")
+
+
+def _regular(name: bytes, value: bytes) -> Header:
+    """A regular field checked and turned into metadata (cached: calls repeat fields)."""
+    field = (name, value)
+    header = _IN.get(field)
+    if header is not None:
+        return header
+    if not _NAME_RE.fullmatch(name):
+        raise Malformed(f"illegal header name {name[:64]!r}")
+    if name in _CONNECTION_SPECIFIC:
+        raise Malformed(f"connection-specific header {name.decode()!r}")
+    if not _value_ok(value):
+        raise Malformed(f"illegal value for header {name.decode()!r}")
+    header = _to_metadata(name, value)
+    if name not in _UNCACHED:
+        if len(_IN) >= _CACHE_ENTRIES:
+            _IN.clear()
+        _IN[field] = header
+    return header
+
+
+def parse_request(raw: RawHeaders) -> Request:
+    """The request's fields; raises `Malformed` with a message for a bad header list."""
+    pseudo: dict[bytes, bytes] = {}
+    metadata: list[Header] = []
+    content_type = timeout = encoding = accept = None
+    for name, value in raw:
+        if name[:1] == b":":
+            if metadata:
+                raise Malformed("pseudo-header after a regular header")
+            if name not in _REQUEST_PSEUDO or name in pseudo:
+                raise Malformed(f"unexpected pseudo-header {name[:32]!r}")
+            if not _value_ok(value):
+                raise Malformed(f"illegal value for {name.decode()}")
+            pseudo[name] = value
+            continue
+        header = _regular(name, value)
+        if name == b"te" and value != b"trailers":
+            raise Malformed("te other than 'trailers'")
+        if name == b"content-type":
+            content_type = value
+        elif name == b"grpc-timeout":
+            timeout = value
+        elif name == b"grpc-encoding":
+            encoding = value
+        elif name == b"grpc-accept-encoding":
+            accept = value
+        metadata.append(header)
+    if pseudo.get(b":method") != b"POST":
+        raise Malformed("gRPC requires :method POST")
+    path = pseudo.get(b":path")
+    if not path:
+        raise Malformed("missing :path")
+    return Request(
+        path=path.decode("latin-1"),
+        authority=pseudo.get(b":authority", b"").decode("latin-1"),
+        metadata=tuple(metadata),
+        content_type=content_type or b"application/grpc",
+        timeout=parse_timeout(timeout.decode("latin-1")) if timeout is not None else None,
+        encoding=encoding,
+        accept_encoding=accept,
+    )
+
+
+def parse_response(raw: RawHeaders, *, trailers: bool) -> Response:
+    """An upstream's response headers (`trailers=False`) or trailers."""
+    status: int | None = None
+    metadata: list[Header] = []
+    grpc_status: int | None = None
+    message = ""
+    details = content_type = encoding = accept = None
+    for name, value in raw:
+        if name[:1] == b":":
+            if trailers or metadata or name != b":status" or status is not None:
+                raise Malformed(f"unexpected pseudo-header {name[:32]!r} in a response")
+            if not value.isdigit() or len(value) != 3:
+                raise Malformed("bad :status")
+            status = int(value)
+            continue
+        header = _regular(name, value)
+        if name == b"grpc-status":
+            grpc_status = int(value) if value.isdigit() and len(value) <= 3 else Code.UNKNOWN.value
+            continue
+        if name == b"grpc-message":
+            message = decode_message(value)
+            continue
+        if name == b"grpc-status-details-bin":
+            details = value
+            continue
+        if name == b"content-type":
+            content_type = value
+        elif name == b"grpc-encoding":
+            encoding = value
+        elif name == b"grpc-accept-encoding":
+            accept = value
+        metadata.append(header)
+    if not trailers and status is None:
+        raise Malformed("response without :status")
+    return Response(
+        status, tuple(metadata), grpc_status, message, details, content_type, encoding, accept
+    )
+
+
+def metadata_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
+    """Metadata as header fields. Names a peer could not have sent us are dropped."""
+    out: list[tuple[bytes, bytes]] = []
+    for header in headers:
+        if header in _OUT:
+            field = _OUT[header]
+        else:
+            field = _field(header[0], header[1])
+            if header[0] not in _UNCACHED_KEYS:
+                if len(_OUT) >= _CACHE_ENTRIES:
+                    _OUT.clear()
+                _OUT[header] = field
+        if field is not None:
+            out.append(field)
+    return out
+
+
+_UNCACHED_KEYS = frozenset(k.decode() for k in _UNCACHED)
+
+
+def _field(key: str, value: str | bytes) -> tuple[bytes, bytes] | None:
+    name = key.encode("ascii", "replace")
+    if not _NAME_RE.fullmatch(name) or name in _CONNECTION_SPECIFIC or name == b"te":
+        return None
+    if key.endswith("-bin"):
+        raw = value if isinstance(value, bytes) else value.encode()
+        return name, base64.b64encode(raw).rstrip(b"=")
+    if isinstance(value, str):
+        try:
+            data = value.encode("latin-1")
+        except UnicodeEncodeError:
+            data = value.encode()
+    else:
+        data = value
+    return (name, data) if _value_ok(data) else None
+
+
+def parse_timeout(value: str) -> float | None:
+    """Seconds from a grpc-timeout value; None when it is not one."""
+    match = _TIMEOUT_RE.fullmatch(value)
+    if match is None:
+        return None
+    return int(match.group(1)) * _UNIT[match.group(2)]
+
+
+def format_timeout(seconds: float) -> str:
+    """A grpc-timeout value (at most 8 digits) no shorter than `seconds`."""
+    for unit, scale in (("m", 1e-3), ("S", 1.0), ("M", 60.0), ("H", 3600.0)):
+        count = max(1, math.ceil(seconds / scale))
+        if count < 100_000_000:
+            return f"{count}{unit}"
+    return "99999999H"
+
+
+def encode_message(text: str) -> bytes:
+    """grpc-message: UTF-8, percent-encoding every byte outside 0x20-0x7E and '%'."""
+    out = bytearray()
+    for byte in text.encode():
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % byte
+    return bytes(out)
+
+
+def decode_message(value: bytes) -> str:
+    if b"%" not in value:
+        return value.decode("utf-8", "replace")
+    out = bytearray()
+    i = 0
+    while i < len(value):
+        if value[i] == 0x25 and _is_hex(value[i + 1 : i + 3]):
+            out.append(int(value[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(value[i])
+            i += 1
+    return out.decode("utf-8", "replace")
+
+
+def _is_hex(pair: bytes) -> bool:
+    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
+
+
+_RESET_STATUS = {
+    ErrorCode.REFUSED_STREAM: Code.UNAVAILABLE,
+    ErrorCode.CANCEL: Code.CANCELLED,
+    ErrorCode.ENHANCE_YOUR_CALM: Code.RESOURCE_EXHAUSTED,
+    ErrorCode.INADEQUATE_SECURITY: Code.PERMISSION_DENIED,
+}
+
+_HTTP_STATUS = {
+    400: Code.INTERNAL,
+    401: Code.UNAUTHENTICATED,
+    403: Code.PERMISSION_DENIED,
+    404: Code.UNIMPLEMENTED,
+    429: Code.UNAVAILABLE,
+    502: Code.UNAVAILABLE,
+    503: Code.UNAVAILABLE,
+    504: Code.UNAVAILABLE,
+}
+
+
+def status_of_reset(code: int) -> Code:
+    """The gRPC status a client reports for RST_STREAM(code) (PROTOCOL-HTTP2.md)."""
+    for error, status in _RESET_STATUS.items():
+        if error == code:
+            return status
+    return Code.INTERNAL
+
+
+def status_of_http(status: int) -> Code:
+    return _HTTP_STATUS.get(status, Code.UNKNOWN)
+
+
+def grpc_code(value: int | None) -> Code:
+    if value is None:
+        return Code.UNKNOWN
+    try:
+        return Code(value)
+    except ValueError:
+        return Code.UNKNOWN

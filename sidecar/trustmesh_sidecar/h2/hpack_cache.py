@@ -1,0 +1,208 @@
+"""HPACK (RFC 7541) for the engine: one decoder and one encoder per connection.
+
+Header blocks are never copied from one connection to another: each connection has
+its own dynamic table, so every block is decoded on the way in and encoded again on
+the way out.
+
+Both directions are cached, and a cache entry is only ever valid for one state of
+the dynamic table. `_VersionedTable` counts every change to the table; an entry keeps
+the version it was made at and is used only while the table still has it.
+
+* Decoding: a whole block is cached only when decoding it left the table unchanged
+  (the common case once a connection is warm: all fields indexed). Otherwise the
+  block is walked field by field here, over hpack's table and Huffman decoder, and
+  Huffman-coded strings are cached by their bytes (a pure function).
+* Encoding: each field's bytes are cached when encoding it did not change the table.
+  Values that change on every call (`VOLATILE`) are sent as never-indexed literals,
+  so they neither churn the table nor defeat the caches of the fields around them.
+
+Limits: a block that inflates beyond `hard_limit` bytes (RFC 9113 header list size)
+is a connection error (`HeaderError`), since the table may now be out of step. The
+soft per-call limit is checked by the caller on the decoded list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from hpack import Encoder, HPACKError
+from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
+
+__all__ = ["VOLATILE", "HeaderDecoder", "HeaderEncoder", "HeaderError", "RawHeaders"]
+
+RawHeaders = tuple[tuple[bytes, bytes], ...]
+
+# Fields whose values differ per call: never indexed, never cached.
+VOLATILE = frozenset({b"grpc-timeout", b"traceparent", b"tracestate", b"grpc-message"})
+# Fields whose values must not enter a compression context (RFC 7541 7.1.3).
+SENSITIVE = frozenset({b"authorization", b"cookie", b"trustmesh-user-token"})
+
+_CACHE_ENTRIES = 512
+_HUFFMAN_ENTRIES = 2048
+_HUFFMAN_MAX_BYTES = 256  # longer strings are rare and decoded each time
+
+
+class HeaderError(Exception):
+    """The block can't be decoded (COMPRESSION_ERROR) or is over the hard limit."""
+
+
+class _VersionedTable(HeaderTable):
+    """hpack's table, counting changes so that caches know when they went stale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.version += 1
+        super().add(name, value)
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        self.version += 1
+        HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+
+
+def _integer(block: bytes, i: int, prefix_bits: int) -> tuple[int, int]:
+    """An HPACK integer at `block[i]`; returns (value, next index). At most 5 bytes."""
+    mask = (1 << prefix_bits) - 1
+    value = block[i] & mask
+    i += 1
+    if value < mask:
+        return value, i
+    shift = 0
+    for _ in range(4):
+        if i >= len(block):
+            raise HeaderError("truncated integer")
+        byte = block[i]
+        i += 1
+        value += (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, i
+        shift += 7
+    raise HeaderError("integer representation too long")
+
+
+class HeaderDecoder:
+    def __init__(self, *, hard_limit: int, max_table_size: int = 4096) -> None:
+        self._table = _VersionedTable()
+        self._hard_limit = hard_limit
+        self._max_table = max_table_size
+        self._blocks: dict[bytes, tuple[int, RawHeaders, int]] = {}
+        self._huffman: dict[bytes, bytes] = {}
+
+    def decode(self, block: bytes) -> tuple[RawHeaders, int]:
+        """The block's fields, and their size as RFC 9113 counts it (+32 per field)."""
+        table = self._table
+        hit = self._blocks.get(block)
+        if hit is not None and hit[0] == table.version:
+            return hit[1], hit[2]
+        before = table.version
+        try:
+            headers, size = self._walk(block)
+        except HeaderError:
+            raise
+        except (HPACKError, IndexError, ValueError) as e:
+            raise HeaderError(f"undecodable header block: {e}") from e
+        if table.version == before:
+            if len(self._blocks) >= _CACHE_ENTRIES:
+                self._blocks.clear()
+            self._blocks[block] = (before, headers, size)
+        return headers, size
+
+    def _walk(self, block: bytes) -> tuple[RawHeaders, int]:
+        table = self._table
+        out: list[tuple[bytes, bytes]] = []
+        size = 0
+        i, n = 0, len(block)
+        while i < n:
+            first = block[i]
+            if first & 0x80:  # indexed field
+                index, i = _integer(block, i, 7)
+                if index == 0:
+                    raise HeaderError("indexed field with index 0")
+                field = table.get_by_index(index)
+            elif first & 0xE0 == 0x20:  # dynamic table size update
+                if out:
+                    raise HeaderError("table size update after a field")
+                new_size, i = _integer(block, i, 5)
+                if new_size > self._max_table:
+                    raise HeaderError("table size update beyond the advertised maximum")
+                table.maxsize = new_size
+                continue
+            else:
+                indexing = bool(first & 0x40)
+                index, i = _integer(block, i, 6 if indexing else 4)
+                if index:
+                    name = table.get_by_index(index)[0]
+                else:
+                    name, i = self._string(block, i)
+                value, i = self._string(block, i)
+                field = (name, value)
+                if indexing:
+                    table.add(name, value)
+            size += len(field[0]) + len(field[1]) + 32
+            if size > self._hard_limit:
+                raise HeaderError(f"header list larger than {self._hard_limit} bytes")
+            out.append(field)
+        return tuple(out), size
+
+    def _string(self, block: bytes, i: int) -> tuple[bytes, int]:
+        if i >= len(block):
+            raise HeaderError("truncated string")
+        huffman = block[i] & 0x80
+        length, i = _integer(block, i, 7)
+        if length > self._hard_limit or i + length > len(block):
+            raise HeaderError("truncated string")
+        raw = block[i : i + length]
+        i += length
+        if not huffman:
+            return raw, i
+        cached = self._huffman.get(raw)
+        if cached is None:
+            cached = decode_huffman(raw)
+            if length <= _HUFFMAN_MAX_BYTES:
+                if len(self._huffman) >= _HUFFMAN_ENTRIES:
+                    self._huffman.clear()
+                self._huffman[raw] = cached
+        return cached, i
+
+
+class HeaderEncoder:
+    def __init__(self) -> None:
+        self._enc = Encoder()
+        self._table = _VersionedTable()
+        self._enc.header_table = self._table
+        self._fields: dict[tuple[bytes, bytes], tuple[int, bytes]] = {}
+
+    def set_table_size(self, size: int) -> None:
+        """The peer's SETTINGS_HEADER_TABLE_SIZE; we never use more than 4096."""
+        self._enc.header_table_size = min(size, 4096)
+
+    def encode(self, headers: Iterable[tuple[bytes, bytes]] | Sequence[tuple[bytes, bytes]]) -> bytes:
+        enc, table, cache = self._enc, self._table, self._fields
+        out: list[bytes] = []
+        if table.resized:
+            out.append(enc.encode([]))  # emits the pending table size update(s)
+        for field in headers:
+            name = field[0]
+            if name in VOLATILE or name in SENSITIVE:
+                out.append(enc.add(field, True, huffman=False))
+                continue
+            hit = cache.get(field)
+            if hit is not None and hit[0] == table.version:
+                out.append(hit[1])
+                continue
+            before = table.version
+            encoded = enc.add(field, False, huffman=True)
+            out.append(encoded)
+            if table.version == before:
+                if len(cache) >= _CACHE_ENTRIES:
+                    cache.clear()
+                cache[field] = (before, encoded)
+        return b"".join(out)

@@ -1,0 +1,724 @@
+"""The frame-level engine (`H2Engine`, ADR 0009) behind real sidecars, grpcio at both ends.
+
+Every sidecar here is built by the harness exactly as in the other integration tests,
+except that `runtime.GrpcEngine` is swapped for `H2Engine` (the `h2` fixture), so the
+whole call path above the engine seam is the real one: routers, policy, spans.
+
+Sections: forwarding (every call kind, metadata, status, deadline, cancellation),
+refusals (router reasons, message and metadata limits), transport identity (exact ID,
+handshake), lifecycle (rotation, connection age, revocation of an open stream), and
+hostile peers speaking HTTP/2 by hand (with `hpack`, not the engine's own code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import hpack
+import pytest
+from cryptography import x509
+
+import trustmesh_sidecar.runtime
+from trustmesh.ca import CertificateAuthority
+from trustmesh.channels import MeshChannels
+from trustmesh.errors import parse_details
+from trustmesh.limits import Limits
+from trustmesh.spiffe_id import SpiffeId, TrustDomain
+from trustmesh.v1 import registry_pb2 as rpb
+from trustmesh.v1 import registry_pb2_grpc as rgrpc
+from trustmesh.x509svid import BundleSet, TrustBundle, X509Svid, generate_key, make_csr
+from trustmesh_sidecar.credentials import registry_id_for
+from trustmesh_sidecar.engine import CallControl, CallStart, Forward, Reject
+from trustmesh_sidecar.h2 import H2Engine
+
+from harness import ECHO, TD, Mesh, Node, agent, agent_id, blueprint, policy, unary
+
+WAIT = 5.0  # seconds: the bound on every network wait in this file
+MIB = 1024 * 1024
+TARGET = ("trustmesh-target", "bob")
+ALICE = "spiffe://test.local/agents/alice"
+CAROL = "spiffe://test.local/agents/carol"
+BINARY = bytes(range(256)) * 4 + b"\x00\x00tail\x00"
+CLIENT_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 * MIB),
+    ("grpc.max_send_message_length", 16 * MIB),
+    ("grpc.max_metadata_size", MIB),
+    ("grpc.absolute_max_metadata_size", MIB),
+]
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def h2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sidecars built from here on run the frame-level engine."""
+    monkeypatch.setattr(trustmesh_sidecar.runtime, "GrpcEngine", H2Engine)
+
+
+async def start_nodes(mesh: Mesh, *names: str) -> Mesh:
+    for name in names:
+        node = await mesh.add(name)
+        assert isinstance(node.sidecar.engine, H2Engine)
+    await mesh.wait_endpoints(*names)
+    return mesh
+
+
+@pytest.fixture
+async def trio(h2: None, mesh: Mesh) -> Mesh:
+    """As conftest's trio: alice -> bob allowed on Echo; carol registered, no policy."""
+    await mesh.apply(
+        blueprint("any"), agent("alice"), agent("bob"), agent("carol"),
+        policy("alice-calls-bob", ["alice"], ["bob"], ["/test.Echo/*"]),
+    )
+    return await start_nodes(mesh, "alice", "bob", "carol")
+
+
+@contextlib.asynccontextmanager
+async def pair(tmp_path: Path, **kw: Any) -> AsyncIterator[Mesh]:
+    """alice -> bob on a mesh with its own settings (limits, SVID TTL)."""
+    mesh = await Mesh(tmp_path, **kw).start()
+    try:
+        await mesh.apply(blueprint("any"), agent("alice"), agent("bob"),
+                         policy("alice-calls-bob", ["alice"], ["bob"], ["/test.Echo/*"]))
+        yield await start_nodes(mesh, "alice", "bob")
+    finally:
+        await mesh.stop()
+
+
+def spy_calls(router: Any) -> list[CallStart]:
+    seen: list[CallStart] = []
+    route: Callable[[CallStart, CallControl], Forward | Reject] = router.route
+
+    def recording(call: CallStart, control: CallControl) -> Forward | Reject:
+        seen.append(call)
+        return route(call, control)
+
+    router.route = recording
+    return seen
+
+
+def reason(err: grpc.aio.AioRpcError) -> str | None:
+    parsed = parse_details(err.details() or "")
+    return parsed[0] if parsed else None
+
+
+async def wait_set(event: asyncio.Event, timeout: float = WAIT) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+# -- forwarding ---------------------------------------------------------------------------
+
+
+async def _stream(messages: list[bytes]) -> AsyncIterator[bytes]:
+    for m in messages:
+        yield m
+
+
+async def call_kind(outbound: str, kind: str, messages: list[bytes],
+                    timeout: float = 10.0) -> list[bytes]:
+    md = (TARGET,)
+    async with grpc.aio.insecure_channel(outbound, options=CLIENT_OPTIONS) as ch:
+        path = f"/{ECHO}/{kind}"
+        if kind == "Unary":
+            return [await ch.unary_unary(path)(messages[0], metadata=md, timeout=timeout)]
+        if kind == "ClientStream":
+            return [await ch.stream_unary(path)(_stream(messages), metadata=md, timeout=timeout)]
+        if kind == "ServerStream":
+            call = ch.unary_stream(path)(messages[0], metadata=md, timeout=timeout)
+            return [m async for m in call]
+        call = ch.stream_stream(path)(_stream(messages), metadata=md, timeout=timeout)
+        return [m async for m in call]
+
+
+CALL_KINDS = {
+    "unary-text": ("Unary", [b"hello"], [b"hello"]),
+    "unary-binary-nul": ("Unary", [BINARY], [BINARY]),
+    "unary-1mib": ("Unary", [b"\x00" * MIB], [b"\x00" * MIB]),
+    "unary-empty": ("Unary", [b""], [b""]),
+    "client-stream-binary": ("ClientStream", [b"a", BINARY, b"c"], [b"|".join([b"a", BINARY, b"c"])]),
+    "client-stream-1mib": ("ClientStream", [b"x" * MIB, b"y"], [b"x" * MIB + b"|y"]),
+    "server-stream-50": ("ServerStream", [b"50"], [str(i).encode() for i in range(50)]),
+    "bidi-binary-nul": ("Bidi", [b"abc", BINARY, b"\x00z\x00"], [b"ABC", BINARY.upper(), b"\x00Z\x00"]),
+    "bidi-1mib": ("Bidi", [b"q" * MIB, b"w"], [b"Q" * MIB, b"W"]),
+}
+
+
+@pytest.mark.parametrize(("kind", "messages", "expected"), CALL_KINDS.values(), ids=CALL_KINDS.keys())
+async def test_every_call_kind_carries_bytes_exactly(
+    trio: Mesh, kind: str, messages: list[bytes], expected: list[bytes]
+) -> None:
+    assert await call_kind(trio.nodes["alice"].outbound, kind, messages) == expected
+    assert trio.nodes["bob"].app.received[-1]["trustmesh-caller"] == ALICE
+
+
+async def test_metadata_passes_both_ways(trio: Mesh) -> None:
+    blob = b"\x00\xffbinary\x00"
+    reply, call = await unary(trio.nodes["alice"].outbound, "bob", body=b"md",
+                              metadata=[("x-custom", "text value"), ("x-blob-bin", blob)])
+    assert reply == b"md"
+    assert dict(await call.initial_metadata()).get("x-initial") == "hello"
+    assert dict(await call.trailing_metadata()).get("x-trailing") == "bye"
+    seen = trio.nodes["bob"].app.received[-1]
+    assert (seen["x-custom"], seen["x-blob-bin"]) == ("text value", blob)
+    assert "trustmesh-target" not in seen
+
+
+async def test_app_status_details_and_trailers_pass_through(trio: Mesh) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await unary(trio.nodes["alice"].outbound, "bob", method=f"/{ECHO}/Fail")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.details() == "app says no"
+    assert dict(err.value.trailing_metadata() or ()).get("x-error-detail") == "quota"
+
+
+async def test_deadline_propagates_to_the_app(trio: Mesh) -> None:
+    bob = trio.nodes["bob"]
+    inbound_calls = spy_calls(bob.sidecar.inbound)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await unary(trio.nodes["alice"].outbound, "bob", method=f"/{ECHO}/Sleep", body=b"10",
+                    timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert loop.time() - started < 2.0
+    assert await wait_set(bob.app.cancelled), "bob's app never saw its call end"
+    remaining = inbound_calls[-1].time_remaining
+    assert remaining is not None and 0 < remaining <= 0.5
+
+
+async def test_cancellation_propagates_to_the_app(trio: Mesh) -> None:
+    bob = trio.nodes["bob"]
+    async with grpc.aio.insecure_channel(trio.nodes["alice"].outbound) as ch:
+        call = ch.unary_unary(f"/{ECHO}/Sleep")(b"10", metadata=(TARGET,), timeout=10)
+        await asyncio.sleep(0.3)
+        assert not call.done() and bob.app.received, "the call never reached bob's app"
+        call.cancel()
+        assert await wait_set(bob.app.cancelled), "bob's app never saw the cancellation"
+    assert bob.sidecar.inbound is not None and bob.sidecar.inbound.open_calls == 0
+
+
+async def test_calls_share_one_connection_and_multiplex(trio: Mesh) -> None:
+    alice, bob = trio.nodes["alice"], trio.nodes["bob"]
+    inbound_calls = spy_calls(bob.sidecar.inbound)
+    for i in range(5):
+        assert (await unary(alice.outbound, "bob", body=b"s%d" % i))[0] == b"s%d" % i
+    async with grpc.aio.insecure_channel(alice.outbound) as ch:
+        call = ch.unary_unary(f"/{ECHO}/Unary")
+        replies = await asyncio.gather(
+            *(call(b"c%d" % i, metadata=(TARGET,), timeout=WAIT) for i in range(32)))
+    assert replies == [b"c%d" % i for i in range(32)]
+    assert len(inbound_calls) == 37
+    assert len({c.peer_address for c in inbound_calls}) == 1  # one TCP connection to bob
+    assert len(alice.sidecar.peer_serials(bob.sidecar.inbound_address, bob.spiffe_id)) == 1
+
+
+# -- refusals -----------------------------------------------------------------------------
+
+
+REFUSALS = {
+    "no-target": ([], f"/{ECHO}/Unary", grpc.StatusCode.INVALID_ARGUMENT, "missing_target"),
+    "unknown-target": ([("trustmesh-target", "nobody")], f"/{ECHO}/Unary",
+                       grpc.StatusCode.PERMISSION_DENIED, "unknown_target"),
+    "bad-method": ([TARGET], "/no-such-method", grpc.StatusCode.INVALID_ARGUMENT, "bad_method"),
+    "no-policy": ([("trustmesh-target", "carol")], f"/{ECHO}/Unary",
+                  grpc.StatusCode.PERMISSION_DENIED, "no_matching_policy"),
+}
+
+
+@pytest.mark.parametrize(("metadata", "method", "code", "why"), REFUSALS.values(), ids=REFUSALS.keys())
+async def test_router_refusals_reach_the_caller_as_status(
+    trio: Mesh, metadata: list[tuple[str, str]], method: str, code: grpc.StatusCode, why: str
+) -> None:
+    async with grpc.aio.insecure_channel(trio.nodes["alice"].outbound) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await ch.unary_unary(method)(b"x", metadata=metadata, timeout=WAIT)
+    assert (err.value.code(), reason(err.value)) == (code, why), err.value.details()
+    assert trio.nodes["carol"].app.received == [] and trio.nodes["bob"].app.received == []
+
+
+OVER_LIMIT = {
+    "unary-request": ("Unary", [b"x" * (64 * 1024 + 1)]),
+    "bidi-second-message": ("Bidi", [b"ok", b"x" * (100 * 1024)]),
+    "reply": ("ClientStream", [b"x" * (40 * 1024), b"y" * (40 * 1024)]),  # joined: 80 KiB
+}
+
+
+@pytest.mark.parametrize(("kind", "messages"), OVER_LIMIT.values(), ids=OVER_LIMIT.keys())
+async def test_message_over_limit_is_refused_then_calls_still_work(
+    h2: None, tmp_path: Path, kind: str, messages: list[bytes]
+) -> None:
+    async with pair(tmp_path, limits=Limits(max_message_bytes=64 * 1024)) as mesh:
+        outbound = mesh.nodes["alice"].outbound
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call_kind(outbound, kind, messages, timeout=WAIT)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert reason(err.value) == "limit_exceeded"
+        just_under = b"z" * (60 * 1024)
+        assert await call_kind(outbound, "Unary", [just_under], timeout=WAIT) == [just_under]
+
+
+async def roomy_app(node: Node) -> None:
+    """Restart the app with a 1 MiB header limit: refusals then come from the sidecars."""
+    app, roomy = node.app, MIB
+    assert app.server is not None
+    await app.server.stop(0)
+    server = grpc.aio.server(options=[("grpc.max_metadata_size", roomy),
+                                      ("grpc.absolute_max_metadata_size", roomy)])
+    handlers = {"Unary": grpc.unary_unary_rpc_method_handler(app._unary)}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(ECHO, handlers)])
+    server.add_insecure_port(app.address)
+    await server.start()
+    app.server = server
+
+
+@pytest.mark.parametrize("route", ["via-alice-outbound", "direct-to-bob-inbound"])
+@pytest.mark.parametrize(
+    ("metadata", "code"),
+    [
+        ([("x-big", "a" * 20 * 1024)], grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ([("x-big", "a" * 64 * 1024)], grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ([(f"x-k{i}", "v" * 16) for i in range(2000)], grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ([("x-fits", "a" * 12 * 1024)], grpc.StatusCode.OK),
+    ],
+    ids=["20KiB-value", "64KiB-value", "2000-keys", "control-12KiB"],
+)
+async def test_oversized_metadata_is_refused_not_hung(
+    trio: Mesh, route: str, metadata: list[tuple[str, str]], code: grpc.StatusCode
+) -> None:
+    alice, bob = trio.nodes["alice"], trio.nodes["bob"]
+    await roomy_app(bob)
+    try:
+        if route == "via-alice-outbound":
+            async with grpc.aio.insecure_channel(alice.outbound, options=CLIENT_OPTIONS) as ch:
+                await ch.unary_unary(f"/{ECHO}/Unary")(
+                    b"m", metadata=[TARGET, *metadata], timeout=WAIT)
+        else:
+            await dial(trio, bob, issue(mesh_ca(trio), ALICE), metadata=tuple(metadata))
+        got = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as e:
+        got = e.code()
+    assert got == code
+    key = metadata[-1][0]
+    assert [key in md for md in bob.app.received] == ([True] if code is grpc.StatusCode.OK else [])
+    await still_serves(trio)
+
+
+# -- transport identity ---------------------------------------------------------------------
+
+
+def mesh_ca(mesh: Mesh) -> CertificateAuthority:
+    d = mesh.root / "registry"
+    return CertificateAuthority.load((d / "ca.crt").read_bytes(), (d / "ca.key").read_bytes())
+
+
+def mesh_bundles(mesh: Mesh) -> BundleSet:
+    return BundleSet.of(TrustBundle.from_pem(TrustDomain.parse(TD), mesh.bundle_path.read_bytes()))
+
+
+def issue(ca: CertificateAuthority, spiffe_id: str | SpiffeId) -> X509Svid:
+    sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
+    key = generate_key()
+    cert = ca.sign_csr(make_csr(key, sid), sid, now=datetime.now(UTC), ttl=timedelta(minutes=10))
+    return X509Svid(sid, (cert,), key)
+
+
+async def dial(mesh: Mesh, callee: Node, svid: X509Svid | None, *, body: bytes = b"ping",
+               metadata: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """One unary call straight to `callee`'s inbound port with grpcio (via the TLS bridge)."""
+    bundles = mesh_bundles(mesh)
+    channels = MeshChannels(lambda: (svid, bundles))
+    try:
+        channel = await channels.get(callee.sidecar.inbound_address, callee.spiffe_id)
+        reply: bytes = await channel.unary_unary(f"/{ECHO}/Unary")(
+            body, metadata=metadata, timeout=WAIT)
+        return reply
+    finally:
+        await channels.close()
+
+
+async def still_serves(mesh: Mesh) -> None:
+    """Through alice's sidecar (pooled connection) and a fresh handshake to bob's inbound."""
+    bob = mesh.nodes["bob"]
+    assert (await unary(mesh.nodes["alice"].outbound, "bob", body=b"ok", timeout=WAIT))[0] == b"ok"
+    assert await dial(mesh, bob, issue(mesh_ca(mesh), ALICE)) == b"ping"
+
+
+def impostor(mesh: Mesh) -> X509Svid | None:
+    other = CertificateAuthority.create(TrustDomain.parse(TD), now=datetime.now(UTC),
+                                        ttl=timedelta(days=1))
+    return issue(other, ALICE)
+
+
+@pytest.mark.parametrize(
+    ("credential", "code"),
+    [
+        (lambda m: issue(mesh_ca(m), ALICE), grpc.StatusCode.OK),
+        (impostor, grpc.StatusCode.UNAVAILABLE),
+        (lambda m: None, grpc.StatusCode.UNAVAILABLE),
+    ],
+    ids=["control-mesh-svid", "foreign-ca-same-id", "no-client-cert"],
+)
+async def test_inbound_handshake_requires_a_mesh_svid(
+    trio: Mesh, credential: Callable[[Mesh], X509Svid | None], code: grpc.StatusCode
+) -> None:
+    bob = trio.nodes["bob"]
+    inbound_calls = spy_calls(bob.sidecar.inbound)
+    try:
+        await dial(trio, bob, credential(trio), body=b"hi")
+        got = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as e:
+        got = e.code()
+    assert got == code
+    if code is grpc.StatusCode.OK:
+        assert bob.app.received[-1]["trustmesh-caller"] == ALICE
+        # The router got the chain the handshake verified: alice's leaf, first.
+        leaf = x509.load_der_x509_certificate(inbound_calls[-1].peer_chain[0])
+        assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+            .get_values_for_type(x509.UniformResourceIdentifier) == [ALICE]
+    else:
+        assert inbound_calls == [] and bob.app.received == []
+    await still_serves(trio)
+
+
+async def test_caller_refuses_a_callee_with_another_identity(trio: Mesh) -> None:
+    """A rogue bob instance advertises carol's address: alice's engine must see carol's ID."""
+    alice, carol = trio.nodes["alice"], trio.nodes["carol"]
+    await trio.apply(policy("alice-calls-carol", ["alice"], ["carol"], ["/test.Echo/*"]))
+    assert trio.registry is not None
+    svid = issue(mesh_ca(trio), agent_id("bob"))
+    channels = MeshChannels(lambda: (svid, mesh_bundles(trio)))
+    stub = rgrpc.RegistryStub(await channels.get(trio.registry.address,
+                                                 registry_id_for(TrustDomain.parse(TD))))
+    watch = stub.Watch(rpb.WatchRequest(instance_id="rogue",
+                                        inbound_address=carol.sidecar.inbound_address))
+    try:
+        async with asyncio.timeout(WAIT):
+            await watch.read()
+            state = alice.sidecar.state
+            assert state is not None
+            while len(state.snapshot.endpoints(agent_id("bob"))) < 2:
+                await asyncio.sleep(0.02)
+        outcomes = []
+        for _ in range(2):  # round robin: one call to each bob endpoint
+            try:
+                await unary(alice.outbound, "bob")
+                outcomes.append("ok")
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e.details()
+                assert e.details() == (
+                    f"trustmesh: peer_identity_mismatch: expected spiffe://test.local/agents/bob"
+                    f" at {carol.sidecar.inbound_address}, peer presented {CAROL}")
+                outcomes.append(reason(e))
+    finally:
+        watch.cancel()
+        await channels.close()
+    assert sorted(o or "" for o in outcomes) == ["ok", "peer_identity_mismatch"]
+    assert carol.app.received == []
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+
+async def test_rotation_reaches_new_handshakes_and_drops_no_calls(h2: None, tmp_path: Path) -> None:
+    """SVID TTL 6 s (renewal about every 3 s), connection age 1 s, calls for 5 s."""
+    limits = Limits(max_connection_age_s=1.0, max_connection_age_grace_s=5.0)
+    async with pair(tmp_path, svid_ttl=timedelta(seconds=6), limits=limits) as mesh:
+        alice, bob = mesh.nodes["alice"], mesh.nodes["bob"]
+        assert alice.sidecar.state is not None and bob.sidecar.state is not None
+        first = {"alice": alice.sidecar.state.svid.serial_hex,
+                 "bob": bob.sidecar.state.svid.serial_hex}
+        inbound_calls = spy_calls(bob.sidecar.inbound)
+        loop = asyncio.get_running_loop()
+        end, failures, calls = loop.time() + 5.0, [], 0
+        while loop.time() < end:
+            try:
+                await unary(alice.outbound, "bob", body=b"r", timeout=2.0)
+            except grpc.aio.AioRpcError as e:
+                failures.append((e.code(), e.details()))
+            calls += 1
+            await asyncio.sleep(0.05)
+        last = {"alice": alice.sidecar.state.svid.serial_hex,
+                "bob": bob.sidecar.state.svid.serial_hex}
+        bob_serials = alice.sidecar.peer_serials(bob.sidecar.inbound_address, bob.spiffe_id)
+        client_serials = {
+            format(x509.load_der_x509_certificate(c.peer_chain[0]).serial_number, "x")
+            for c in inbound_calls
+        }
+    assert failures == [], failures[:3]
+    assert calls > 50
+    assert last["alice"] != first["alice"] and last["bob"] != first["bob"]
+    assert len(bob_serials) > 1 and bob_serials[-1] == last["bob"]
+    assert {first["alice"], last["alice"]} <= client_serials
+    # Connection age: bob's inbound saw several connections (source ports) from alice.
+    assert len({c.peer_address for c in inbound_calls}) > 2
+
+
+async def test_revocation_ends_an_open_stream(trio: Mesh) -> None:
+    bob = trio.nodes["bob"]
+    async with grpc.aio.insecure_channel(trio.nodes["alice"].outbound) as ch:
+        call = ch.unary_stream(f"/{ECHO}/Hold")(b"", metadata=(TARGET,), timeout=10)
+        got = [await call.read() for _ in range(3)]
+        assert got == [b"0", b"1", b"2"]
+        assert bob.sidecar.inbound is not None and bob.sidecar.inbound.open_calls == 1
+        await trio.disable("alice", reason="compromised")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async with asyncio.timeout(WAIT):
+                while True:
+                    message = await call.read()
+                    assert message is not grpc.aio.EOF, "the stream ended without a status"
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason(err.value) == "agent_disabled"
+    assert bob.sidecar.inbound.open_calls == 0
+
+
+# -- hostile peers, HTTP/2 by hand ----------------------------------------------------------
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
+    0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8, 0x9)
+END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
+NO_ERROR, FLOW_CONTROL_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, CALM = (
+    0x0, 0x3, 0x7, 0x8, 0x9, 0xB)
+
+Frame = tuple[int, int, int, bytes]
+
+
+def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + stream.to_bytes(4, "big")
+            + payload)
+
+
+def split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+class RawPeer:
+    """A client that writes frames itself; hpack (not the engine's code) does HPACK."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.enc, self.dec = hpack.Encoder(), hpack.Decoder()
+        self.frames: list[Frame] = []
+
+    def send(self, *data: bytes) -> None:
+        self.writer.write(b"".join(data))
+
+    def start(self, settings: bytes = b"") -> None:
+        self.send(PREFACE, frame(SETTINGS, 0, 0, settings))
+
+    def request(self, stream: int, *, target: str = "bob", method: str = f"/{ECHO}/Unary",
+                extra: list[tuple[str, str]] | None = None, end: bool = False) -> bytes:
+        block = self.enc.encode([
+            (":method", "POST"), (":scheme", "http"), (":path", method),
+            (":authority", "sidecar"), ("content-type", "application/grpc"), ("te", "trailers"),
+            ("trustmesh-target", target), *(extra or [])])
+        return frame(HEADERS, END_HEADERS | (END_STREAM if end else 0), stream, block)
+
+    async def read(self, until: Callable[[Frame], bool], timeout: float = WAIT) -> Frame | None:
+        """Frames until one matches (returned) or the server closes (None)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    head = await self.reader.readexactly(9)
+                    payload = await self.reader.readexactly(int.from_bytes(head[:3], "big"))
+                    got = (head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF, payload)
+                    self.frames.append(got)
+                    if got[0] == SETTINGS and not got[1] & ACK:
+                        self.send(frame(SETTINGS, ACK, 0))
+                    if got[0] == HEADERS:
+                        self.headers = dict(self.dec.decode(payload, raw=True))
+                    if until(got):
+                        return got
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, TimeoutError):
+            return None
+
+    def data_bytes(self, stream: int) -> int:
+        return sum(len(p) for t, _, s, p in self.frames if t == DATA and s == stream)
+
+
+def goaway_code(got: Frame | None) -> int | None:
+    return int.from_bytes(got[3][4:8], "big") if got and got[0] == GOAWAY else None
+
+
+@contextlib.asynccontextmanager
+async def plain(node: Node) -> AsyncIterator[RawPeer]:
+    """To `node`'s outbound listener (h2c, as the local agent)."""
+    async with asyncio.timeout(WAIT):
+        reader, writer = await asyncio.open_connection(*split(node.outbound))
+    try:
+        yield RawPeer(reader, writer)
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def tls_as_alice(mesh: Mesh, node: Node, tmp_path: Path) -> AsyncIterator[RawPeer]:
+    """To `node`'s inbound listener over mTLS with a real alice SVID, ALPN h2."""
+    svid = issue(mesh_ca(mesh), ALICE)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cafile=str(mesh.bundle_path))
+    ctx.set_alpn_protocols(["h2"])
+    (tmp_path / "a.crt").write_bytes(svid.chain_pem())
+    (tmp_path / "a.key").write_bytes(svid.key_pem())
+    ctx.load_cert_chain(tmp_path / "a.crt", tmp_path / "a.key")
+    async with asyncio.timeout(WAIT):
+        reader, writer = await asyncio.open_connection(*split(node.sidecar.inbound_address),
+                                                       ssl=ctx)
+    try:
+        yield RawPeer(reader, writer)
+    finally:
+        writer.close()
+
+
+def is_goaway(got: Frame) -> bool:
+    return got[0] == GOAWAY
+
+
+@pytest.mark.parametrize(
+    ("where", "junk"),
+    [
+        ("outbound", b"GET / HTTP/1.1\r\nHost: alice\r\n\r\n"),
+        ("outbound", bytes(range(256)) * 4),
+        ("outbound", PREFACE + frame(PING, 0, 0, bytes(8))),  # first frame not SETTINGS
+        ("inbound-tls", b"GET / HTTP/1.1\r\nHost: bob\r\n\r\n"),
+        ("inbound-tls", PREFACE + b"\x40\x00\x00" + bytes([SETTINGS]) + bytes(5)),  # 4 MiB frame
+        ("inbound-raw", b"\x16\x03\x01\x40\x00" + b"\x01" * 10),  # a ClientHello cut short
+        ("inbound-raw", PREFACE + frame(SETTINGS, 0, 0)),  # plaintext h2 on the TLS port
+    ],
+    ids=["http1", "random", "ping-first", "tls-http1", "tls-huge-frame", "truncated-hello",
+         "plaintext-on-tls"],
+)
+async def test_bad_preface_closes_only_that_connection(
+    trio: Mesh, tmp_path: Path, where: str, junk: bytes
+) -> None:
+    alice, bob = trio.nodes["alice"], trio.nodes["bob"]
+    if where == "inbound-raw":
+        reader, writer = await asyncio.open_connection(*split(bob.sidecar.inbound_address))
+        writer.write(junk)
+        with contextlib.suppress(OSError):
+            writer.write_eof()
+        async with asyncio.timeout(WAIT):
+            with contextlib.suppress(OSError):
+                while await reader.read(65536):
+                    pass
+        writer.close()
+    else:
+        opener = plain(alice) if where == "outbound" else tls_as_alice(trio, bob, tmp_path)
+        async with opener as peer:
+            peer.send(junk)
+            await peer.read(lambda f: False)  # returns once the server hangs up
+            assert DATA not in [f[0] for f in peer.frames]
+    assert bob.app.received == []
+    await still_serves(trio)
+
+
+async def test_rapid_reset_is_answered_with_enhance_your_calm(trio: Mesh) -> None:
+    async with plain(trio.nodes["alice"]) as peer:
+        peer.start()
+        for stream in range(1, 2 * 400, 2):
+            peer.send(peer.request(stream), frame(RST_STREAM, 0, stream, CANCEL.to_bytes(4, "big")))
+        got = await peer.read(is_goaway)
+    assert goaway_code(got) == CALM
+    await still_serves(trio)
+
+
+async def test_continuation_flood_is_answered_with_enhance_your_calm(trio: Mesh) -> None:
+    async with plain(trio.nodes["alice"]) as peer:
+        peer.start()
+        peer.send(frame(HEADERS, 0, 1, peer.enc.encode([(":method", "POST")])))
+        peer.send(*(frame(CONTINUATION, 0, 1, b"") for _ in range(100)))
+        assert goaway_code(await peer.read(is_goaway)) == CALM
+    await still_serves(trio)
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ([frame(WINDOW_UPDATE, 0, 0, (2**31 - 1).to_bytes(4, "big"))], FLOW_CONTROL_ERROR),
+        ([frame(HEADERS, END_HEADERS, 1, b"\xff" * 8)], COMPRESSION_ERROR),
+        ([frame(DATA, 0, 7, b"x")], 0x1),  # DATA on an idle stream: PROTOCOL_ERROR
+    ],
+    ids=["window-overflow", "undecodable-hpack", "data-on-idle-stream"],
+)
+async def test_protocol_errors_close_with_goaway(trio: Mesh, frames: list[bytes], code: int) -> None:
+    async with plain(trio.nodes["alice"]) as peer:
+        peer.start()
+        peer.send(*frames)
+        assert goaway_code(await peer.read(is_goaway)) == code
+    await still_serves(trio)
+
+
+async def test_malformed_request_gets_a_status_not_a_crash(trio: Mesh) -> None:
+    async with plain(trio.nodes["alice"]) as peer:
+        peer.start()
+        peer.send(peer.request(1, extra=[("X-Upper", "v")], end=True))
+        got = await peer.read(lambda f: f[0] == HEADERS and f[2] == 1)
+        assert got is not None and got[1] & END_STREAM
+        assert peer.headers[b"grpc-status"] == b"13"
+        assert peer.headers[b"grpc-message"].startswith(b"trustmesh: malformed_request: illegal")
+    assert trio.nodes["bob"].app.received == []
+    await still_serves(trio)
+
+
+async def test_concurrent_streams_beyond_the_limit_are_refused(h2: None, tmp_path: Path) -> None:
+    async with pair(tmp_path, limits=Limits(max_concurrent_streams=4)) as mesh:
+        async with plain(mesh.nodes["alice"]) as peer:
+            peer.start()
+            sleep = b"\x00\x00\x00\x00\x0210"  # a 2-byte message: "10" (seconds)
+            for stream in (1, 3, 5, 7, 9):
+                peer.send(peer.request(stream, method=f"/{ECHO}/Sleep"),
+                          frame(DATA, END_STREAM, stream, sleep))
+            got = await peer.read(lambda f: f[0] == RST_STREAM)
+            assert got is not None and got[2] == 9
+            assert int.from_bytes(got[3], "big") == REFUSED_STREAM
+        await still_serves_pair(mesh)
+
+
+async def still_serves_pair(mesh: Mesh) -> None:
+    assert (await unary(mesh.nodes["alice"].outbound, "bob", body=b"ok", timeout=WAIT))[0] == b"ok"
+
+
+async def test_never_sends_beyond_the_peer_window(trio: Mesh) -> None:
+    body = b"w" * (64 * 1024)
+    message = b"\x00" + len(body).to_bytes(4, "big") + body
+    async with plain(trio.nodes["alice"]) as peer:
+        peer.start(settings=(4).to_bytes(2, "big") + (1000).to_bytes(4, "big"))  # stream window
+        peer.send(peer.request(1), *(frame(DATA, 0, 1, message[i:i + 16384])
+                                     for i in range(0, len(message), 16384)),
+                  frame(DATA, END_STREAM, 1))
+        await peer.read(lambda f: False, timeout=1.0)  # until it goes quiet
+        assert peer.data_bytes(1) == 1000  # exactly the window, not a byte more
+        peer.send(frame(WINDOW_UPDATE, 0, 1, (1 << 20).to_bytes(4, "big")),
+                  frame(WINDOW_UPDATE, 0, 0, (1 << 20).to_bytes(4, "big")))
+        got = await peer.read(lambda f: f[0] == HEADERS and bool(f[1] & END_STREAM))
+        assert got is not None and peer.headers[b"grpc-status"] == b"0"
+        assert peer.data_bytes(1) == len(message)
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_random_frames_never_break_the_listener(trio: Mesh, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    async with plain(trio.nodes["alice"]) as peer:
+        peer.start()
+        for _ in range(40):
+            payload = rng.randbytes(rng.choice([0, 1, 4, 5, 8, 9, 30]))
+            peer.send(frame(rng.randrange(0, 12), rng.randrange(0, 256),
+                            rng.choice([0, 1, 2, 3, 5, 2**31 - 1]), payload))
+        await peer.read(lambda f: False, timeout=1.0)
+    await still_serves(trio)

@@ -1,0 +1,166 @@
+"""The h2 engine's HPACK caches and gRPC wire conventions.
+
+The decoder is checked differentially against hpack's own `Decoder` (the reference)
+over sequences of blocks, so that a cache entry surviving a table change would show
+up as a mismatch; the encoder's output must decode, with the reference, to its input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import hpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trustmesh.errors import Code
+from trustmesh_sidecar.h2 import grpc_wire as wire
+from trustmesh_sidecar.h2.call import MessageMeter
+from trustmesh_sidecar.h2.hpack_cache import HeaderDecoder, HeaderEncoder, HeaderError
+
+names = st.sampled_from([b"content-type", b"x-a", b"x-b", b"grpc-timeout", b"traceparent",
+                         b":path", b"trustmesh-user-token", b"x-long-name-" + b"n" * 40])
+values = st.sampled_from([b"", b"application/grpc", b"v", b"1000m", b"x" * 300, b"\x00\xff"])
+header_lists = st.lists(st.tuples(names, values), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(header_lists, st.booleans(), st.sampled_from([None, 0, 64, 4096]),
+                          st.integers(1, 3)), max_size=12))
+def test_decoder_matches_the_reference_across_blocks(
+    blocks: list[tuple[list[tuple[bytes, bytes]], bool, int | None, int]],
+) -> None:
+    encoder, reference, ours = hpack.Encoder(), hpack.Decoder(), HeaderDecoder(hard_limit=1 << 20)
+    for headers, huffman, table_size, repeat in blocks:
+        if table_size is not None:
+            encoder.header_table_size = table_size
+        # Sending the same list again yields the same bytes once every field is
+        # indexed: that is what the block cache serves, and where a stale entry would show.
+        for _ in range(repeat):
+            block = encoder.encode(headers, huffman=huffman)
+            expected = tuple((bytes(n), bytes(v)) for n, v in reference.decode(block, raw=True))
+            got, size = ours.decode(block)
+            assert got == expected
+            assert size == sum(len(n) + len(v) + 32 for n, v in expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(header_lists, st.sampled_from([None, 0, 256, 4096])), max_size=12))
+def test_encoder_output_decodes_to_its_input(
+    blocks: list[tuple[list[tuple[bytes, bytes]], int | None]],
+) -> None:
+    ours, reference = HeaderEncoder(), hpack.Decoder()
+    for headers, table_size in blocks:
+        if table_size is not None:
+            ours.set_table_size(table_size)
+        for _ in range(2):
+            block = ours.encode(headers)
+            got = [(bytes(n), bytes(v)) for n, v in reference.decode(block, raw=True)]
+            assert got == headers
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=512))
+def test_garbage_blocks_raise_only_header_errors(block: bytes) -> None:
+    dec = HeaderDecoder(hard_limit=4096)
+    with contextlib.suppress(HeaderError):
+        dec.decode(block)
+
+
+def test_hard_limit_counts_the_decoded_size() -> None:
+    block = hpack.Encoder().encode([("x-big", "a" * 5000)])
+    with pytest.raises(HeaderError, match="larger than 4096"):
+        HeaderDecoder(hard_limit=4096).decode(block)
+
+
+def test_volatile_fields_do_not_enter_the_table() -> None:
+    enc = HeaderEncoder()
+    first = enc.encode([(b"x-a", b"v"), (b"traceparent", b"00-1")])
+    second = enc.encode([(b"x-a", b"v"), (b"traceparent", b"00-2")])
+    assert len(second) < len(first)  # x-a is indexed now
+    dec = hpack.Decoder()
+    dec.decode(first)
+    dec.decode(second)
+    assert [n for n, _ in dec.header_table.dynamic_entries] == [b"x-a"]
+
+
+# -- gRPC wire ----------------------------------------------------------------------------
+
+TIMEOUTS = {"100m": 0.1, "5S": 5.0, "1H": 3600.0, "7u": 7e-6, "12345678n": 0.012345678}
+
+
+@pytest.mark.parametrize(("text", "seconds"), TIMEOUTS.items(), ids=TIMEOUTS.keys())
+def test_parse_timeout(text: str, seconds: float) -> None:
+    assert wire.parse_timeout(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "123456789S", "5s", "-5S", "5 S"])
+def test_not_a_timeout(text: str) -> None:
+    assert wire.parse_timeout(text) is None
+
+
+@given(st.floats(min_value=1e-4, max_value=1e9))
+def test_format_timeout_never_shortens(seconds: float) -> None:
+    text = wire.format_timeout(seconds)
+    back = wire.parse_timeout(text)
+    assert back is not None and back >= seconds * (1 - 1e-12) and len(text) <= 9
+
+
+@given(st.text(max_size=200))
+def test_grpc_message_round_trips(text: str) -> None:
+    encoded = wire.encode_message(text)
+    assert all(0x20 <= b <= 0x7E for b in encoded)
+    assert wire.decode_message(encoded) == text.encode("utf-8", "replace").decode("utf-8", "replace")
+
+
+def test_binary_metadata_round_trips() -> None:
+    blob = bytes(range(256))
+    fields = wire.metadata_fields((("x-blob-bin", blob), ("x-text", "caf\xe9")))
+    req = wire.parse_request(((b":method", b"POST"), (b":path", b"/a.B/C"), *fields))
+    assert req.metadata == (("x-blob-bin", blob), ("x-text", "caf\xe9"))
+
+
+MALFORMED = {
+    "upper-case-name": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"X-A", b"v")),
+    "pseudo-after-regular": ((b":method", b"POST"), (b"x-a", b"v"), (b":path", b"/a.B/C")),
+    "unknown-pseudo": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b":status", b"200")),
+    "repeated-pseudo": ((b":method", b"POST"), (b":path", b"/a"), (b":path", b"/b")),
+    "not-post": ((b":method", b"GET"), (b":path", b"/a.B/C")),
+    "no-path": ((b":method", b"POST"),),
+    "connection-header": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"connection", b"x")),
+    "te-not-trailers": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"te", b"gzip")),
+    "newline-in-value": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"x-a", b"a\r\nb: c")),
+    "bad-base64": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"x-bin", b"!!")),
+}
+
+
+@pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_requests(raw: tuple[tuple[bytes, bytes], ...]) -> None:
+    with pytest.raises(wire.Malformed):
+        wire.parse_request(raw)
+
+
+def test_status_mappings() -> None:
+    assert wire.status_of_reset(0x8) is Code.CANCELLED
+    assert wire.status_of_reset(0x7) is Code.UNAVAILABLE
+    assert wire.status_of_reset(0xB) is Code.RESOURCE_EXHAUSTED
+    assert wire.status_of_reset(0x1234) is Code.INTERNAL
+    assert wire.status_of_http(404) is Code.UNIMPLEMENTED
+    assert wire.grpc_code(99) is Code.UNKNOWN
+
+
+# -- message metering --------------------------------------------------------------------------
+
+
+def message(n: int) -> bytes:
+    return b"\x00" + n.to_bytes(4, "big") + b"m" * n
+
+
+@given(st.lists(st.integers(0, 300), max_size=10), st.data())
+def test_meter_follows_prefixes_split_anywhere(sizes: list[int], data: st.DataObject) -> None:
+    stream = b"".join(message(n) for n in sizes) + message(301)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    meter = MessageMeter(300)
+    found = [meter.feed(stream[a:b]) for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    assert [x for x in found if x is not None] == [301]
