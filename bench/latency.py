@@ -1,12 +1,19 @@
-"""Mesh latency against a direct call, measured side by side in one run.
+"""Measure 1: 1 KiB unary calls, sequential: mesh against direct, tracing on against off.
 
     python -m bench.latency            # 7 rounds x 400 sequential 1 KiB unary calls
-    python -m bench.latency --quick    # what CI runs, so the harness can't rot
+    python -m bench.latency --quick    # 1 round of 30 (a smoke test)
 
-Topology (all on loopback): the client and the app live in this process; the mesh
-path goes client -> sidecar A (process) -> mTLS -> sidecar B (process) -> app. Rounds
-interleave direct and mesh so machine noise hits both alike. Results: JSON and a
-Markdown table in bench/results/.
+Paths, all from the same load generator process to the same echo app process:
+    direct       loadgen -> app (plaintext)
+    mesh         loadgen -> sidecar client -> mTLS -> sidecar server -> app
+    mesh_traced  the same through a second pair of sidecars exporting every span over
+                 OTLP/gRPC (BatchSpanProcessor, 200 ms schedule) to a sink process
+    [slot]       delegation chain of depth 2: see `bench.delegation_slot`
+
+"Tracing off" is the sidecars' default without an OTLP endpoint
+(`OTEL_TRACES_EXPORTER=none`): the SDK still creates spans but exports none.
+Every round measures every path, in a rotated order, so machine noise hits them
+alike; figures are medians over rounds of each round's p50 and p99.
 """
 
 from __future__ import annotations
@@ -14,155 +21,125 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import grpc
+from bench import delegation_slot
+from bench.common import Child, machine, median_of, rotate, summarize
+from bench.topology import BenchMesh
 
-from trustmesh.demo.mesh import LocalMesh
-from trustmesh.v1 import registry_pb2 as rpb
+__all__ = ["markdown", "measure"]
 
-METHOD = "/bench.Echo/Unary"
-PAYLOAD = os.urandom(1024)
+UNARY = "/bench.Echo/Unary"
+WARMUP = 50
 
 
-def _docs() -> list[rpb.ManifestDocument]:
-    def doc(kind: str, name: str, spec: dict[str, Any]) -> rpb.ManifestDocument:
-        body = {
-            "apiVersion": "trustmesh.dev/v1alpha1",
-            "kind": kind,
-            "metadata": {"name": name},
-            "spec": spec,
+async def measure(bm: BenchMesh, *, rounds: int, calls: int, workdir: Path) -> dict[str, Any]:
+    sink, hello = await Child.start("otlp-sink", "bench.otlp_sink", workdir=workdir)
+    try:
+        await bm.start_sidecar("client-traced", otlp_endpoint=hello["endpoint"])
+        await bm.start_sidecar("server-traced", otlp_endpoint=hello["endpoint"])
+        await bm.wait_synced("client-traced")
+        paths: dict[str, tuple[str, list[tuple[str, str]], str]] = {
+            "direct": (bm.app_address, [], UNARY),
+            "mesh": (bm.sidecar("client").outbound, [("trustmesh-target", "server")], UNARY),
+            "mesh_traced": (
+                bm.sidecar("client-traced").outbound,
+                [("trustmesh-target", "server-traced")],
+                UNARY,
+            ),
         }
-        return rpb.ManifestDocument(source=f"bench/{name}", json=json.dumps(body))
-
-    return [
-        doc("AgentBlueprint", "bench", {"allowedMethods": ["/bench.Echo/*"]}),
-        doc(
-            "Agent",
-            "client",
-            {
-                "spiffeId": "spiffe://demo.local/agents/client",
-                "blueprint": "bench",
-                "sponsor": "bench@example.com",
-            },
-        ),
-        doc(
-            "Agent",
-            "server",
-            {
-                "spiffeId": "spiffe://demo.local/agents/server",
-                "blueprint": "bench",
-                "sponsor": "bench@example.com",
-            },
-        ),
-        doc(
-            "AccessPolicy",
-            "bench",
-            {
-                "callers": [{"name": "client"}],
-                "callees": [{"name": "server"}],
-                "methods": ["/bench.Echo/*"],
-            },
-        ),
-    ]
-
-
-async def _echo_server() -> tuple[grpc.aio.Server, str]:
-    async def unary(req: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return req
-
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "bench.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
-            )
-        ]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
+        slot = await delegation_slot.prepare(bm)
+        paths.update(slot.paths)
+        for address, md, method in paths.values():  # connections, caches, JIT-free warm-up
+            await bm.gen.request("unary", address=address, md=md, n=WARMUP, method=method)
+        rows: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+        for r in range(rounds):
+            for name in rotate(list(paths), r):
+                address, md, method = paths[name]
+                got = await bm.gen.request(
+                    "unary", address=address, md=md, n=calls, method=method, timeout=calls * 5 + 30
+                )
+                rows[name].append(summarize(got["ms"]))
+        await asyncio.sleep(0.5)  # one more export period, so the count covers the rounds
+        spans = (await sink.request("count"))["spans"]
+    finally:
+        for name in ("client-traced", "server-traced", "planner", "tool"):
+            await bm.stop_sidecar(name)
+        await sink.stop()
+    result: dict[str, Any] = {"rounds": rounds, "calls_per_round": calls, "payload_bytes": 1024}
+    result["paths"] = {
+        name: {"p50": median_of(r, "p50"), "p99": median_of(r, "p99")} for name, r in rows.items()
+    }
+    p = result["paths"]
+    result["ratio_p50"] = p["mesh"]["p50"] / p["direct"]["p50"]
+    result["ratio_p99"] = p["mesh"]["p99"] / p["direct"]["p99"]
+    result["tracing"] = {
+        "ratio_p50": p["mesh_traced"]["p50"] / p["mesh"]["p50"],
+        "ratio_p99": p["mesh_traced"]["p99"] / p["mesh"]["p99"],
+        "spans_received": spans,
+    }
+    if slot.available:
+        result["delegation"] = {
+            "status": "measured",
+            "ratio_p50": p["delegated"]["p50"] / p["relay_direct"]["p50"],
+            "ratio_p99": p["delegated"]["p99"] / p["relay_direct"]["p99"],
+        }
+    else:
+        result["delegation"] = {"status": slot.status}
+    return result
 
 
-async def _run(channel: grpc.aio.Channel, metadata: list[tuple[str, str]], n: int) -> list[float]:
-    call = channel.unary_unary(METHOD)
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        await call(PAYLOAD, metadata=metadata, timeout=5)
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-def _pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+def markdown(r: dict[str, Any]) -> str:
+    p = r["paths"]
+    lines = ["| path | p50 (ms) | p99 (ms) |", "|---|---|---|"]
+    for name, label in (
+        ("direct", "direct (loadgen -> app)"),
+        ("mesh", "mesh (loadgen -> sidecar -> mTLS -> sidecar -> app)"),
+        ("mesh_traced", "mesh, tracing on (OTLP export)"),
+        ("relay_direct", "[slot] 2 hops, direct relay"),
+        ("delegated", "[slot] 2 hops, mesh, delegation chain depth 2"),
+    ):
+        if name in p:
+            lines.append(f"| {label} | {p[name]['p50']:.3f} | {p[name]['p99']:.3f} |")
+    lines.append(f"| **mesh / direct** | **{r['ratio_p50']:.2f}x** | **{r['ratio_p99']:.2f}x** |")
+    t = r["tracing"]
+    lines.append(f"| tracing on / off (mesh) | {t['ratio_p50']:.2f}x | {t['ratio_p99']:.2f}x |")
+    d = r["delegation"]
+    if d["status"] == "measured":
+        lines.append(
+            f"| [slot] delegated / direct relay | {d['ratio_p50']:.2f}x | {d['ratio_p99']:.2f}x |"
+        )
+    else:
+        lines.append(f"| [slot] delegation chain depth 2 | {d['status']} | |")
+    return "\n".join(lines) + "\n"
 
 
 async def main_async(rounds: int, calls: int, out_dir: Path) -> dict[str, Any]:
-    server, app = await _echo_server()
     with tempfile.TemporaryDirectory(prefix="tm-bench-") as tmp:
-        mesh = LocalMesh(Path(tmp), extra_env={"OTEL_TRACES_EXPORTER": "none"})
-        try:
-            await mesh.start_registry()
-            await mesh.apply(_docs())
-            client = await mesh.start_sidecar("client", "127.0.0.1:9")
-            await mesh.start_sidecar("server", app)
-            direct = grpc.aio.insecure_channel(app)
-            via = grpc.aio.insecure_channel(client.outbound)
-            md = [("trustmesh-target", "server")]
-            await _run(direct, [], 50)  # warm both paths: connections, caches
-            await _run(via, md, 50)
-            results: dict[str, list[dict[str, float]]] = {"direct": [], "mesh": []}
-            for _ in range(rounds):
-                for name, ch, meta in (("direct", direct, []), ("mesh", via, md)):
-                    lat = await _run(ch, meta, calls)
-                    results[name].append({"p50": statistics.median(lat), "p99": _pct(lat, 0.99)})
-            await direct.close()
-            await via.close()
-        finally:
-            await mesh.stop()
-            await server.stop(0)
-    summary: dict[str, Any] = {
-        "rounds": rounds,
-        "calls_per_round": calls,
-        "payload_bytes": len(PAYLOAD),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-    for name, rows in results.items():
-        summary[name] = {k: statistics.median(r[k] for r in rows) for k in ("p50", "p99")}
-    summary["ratio_p50"] = summary["mesh"]["p50"] / summary["direct"]["p50"]
-    summary["ratio_p99"] = summary["mesh"]["p99"] / summary["direct"]["p99"]
+        async with BenchMesh(Path(tmp)) as bm:
+            result = await measure(bm, rounds=rounds, calls=calls, workdir=Path(tmp))
+    result["machine"] = machine()
+    table = markdown(result)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "latency.json").write_text(json.dumps(summary, indent=2))
-    table = (
-        "| path | p50 (ms) | p99 (ms) |\n|---|---|---|\n"
-        f"| direct | {summary['direct']['p50']:.3f} | {summary['direct']['p99']:.3f} |\n"
-        f"| mesh | {summary['mesh']['p50']:.3f} | {summary['mesh']['p99']:.3f} |\n"
-        f"| mesh / direct | {summary['ratio_p50']:.2f}x | {summary['ratio_p99']:.2f}x |\n"
-    )
+    (out_dir / "latency.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "latency.md").write_text(table)
     print(table)
-    return summary
+    return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--quick", action="store_true", help="1 round of 30 calls (CI)")
     parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rounds, calls = (1, 30) if args.quick else (args.rounds, args.calls)
     asyncio.run(main_async(rounds, calls, Path(args.out)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,7 +63,9 @@ class DecisionCache:
         self.hits = 0
         self.misses = 0
         self._generation = -1
-        self._entries: dict[Hashable, Decision] = {}
+        # OrderedDict: evicting the oldest is O(1). A plain dict's next(iter()) walks
+        # the slots its earlier deletions left empty, which grows as it churns.
+        self._entries: OrderedDict[Hashable, Decision] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, generation: int, key: Hashable) -> Decision | None:
@@ -82,7 +85,7 @@ class DecisionCache:
             if generation != self._generation:
                 return  # computed against a snapshot that has moved on
             if key not in self._entries and len(self._entries) >= self.max_entries:
-                del self._entries[next(iter(self._entries))]
+                self._entries.popitem(last=False)
             self._entries[key] = decision
 
     def __len__(self) -> int:

@@ -28,9 +28,11 @@ class MeshChannels:
         *,
         limits: Limits = DEFAULT_LIMITS,
         directory: Path | None = None,
+        receive_bytes: int | None = None,
     ) -> None:
         self._bridge = TlsBridge(credentials, directory=directory)
         self._limits = limits
+        self._receive_bytes = receive_bytes
         self._channels: dict[tuple[str, SpiffeId | None, int], grpc.aio.Channel] = {}
         self.generation = 0
 
@@ -39,7 +41,8 @@ class MeshChannels:
         channel = self._channels.get(key)
         if channel is None:
             target = await self._bridge.target(address, expected_id)
-            channel = grpc.aio.insecure_channel(target, options=channel_options(self._limits))
+            options = channel_options(self._limits, receive_bytes=self._receive_bytes)
+            channel = grpc.aio.insecure_channel(target, options=options)
             self._channels[key] = channel
         return channel
 

@@ -23,10 +23,12 @@ from trustmesh.x509svid import BundleSet, X509Svid
 __all__ = ["ServerCredentials", "channel_options", "peer_chain", "server_options"]
 
 
-def server_options(limits: Limits, *, age: bool) -> list[tuple[str, Any]]:
+def server_options(
+    limits: Limits, *, age: bool, send_bytes: int | None = None
+) -> list[tuple[str, Any]]:
     opts: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
-        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", send_bytes or limits.max_message_bytes),
         ("grpc.max_metadata_size", limits.max_metadata_bytes),
         ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
         ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
@@ -40,13 +42,13 @@ def server_options(limits: Limits, *, age: bool) -> list[tuple[str, Any]]:
     return opts
 
 
-def channel_options(limits: Limits) -> list[tuple[str, Any]]:
+def channel_options(limits: Limits, *, receive_bytes: int | None = None) -> list[tuple[str, Any]]:
     return [
         # Each channel owns its connections. With grpc's global subchannel pool a new
         # channel to the same target would reuse the old connection, and with it the
         # old SVID: rotation would never reach a handshake (ADR 0004).
         ("grpc.use_local_subchannel_pool", 1),
-        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_receive_message_length", receive_bytes or limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.max_metadata_size", limits.max_metadata_bytes),
         ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),

@@ -11,6 +11,9 @@ __all__ = ["DEFAULT_LIMITS", "Limits"]
 class Limits:
     # Bytes of one gRPC message, either direction.
     max_message_bytes: int = 4 * 1024 * 1024
+    # Bytes of one snapshot message on the watch stream (a full snapshot of 100,000
+    # agents is about 14 MB); only the registry connection allows this much.
+    max_snapshot_bytes: int = 256 * 1024 * 1024
     # Bytes of a header list (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE) that the sidecar
     # accepts from its agent and from peers: room for a depth-8 delegation chain
     # (base64) plus a 2 KiB user token. Agents set grpc.max_metadata_size to at least this.

@@ -1,0 +1,223 @@
+"""The frame-level engine against the grpcio engine and a direct call, in one run.
+
+    python -m bench.latency_h2                # 7 rounds: 300 sequential + 2000 at 32 in flight
+    python -m bench.latency_h2 --quick        # 1 short round (smoke)
+
+Topology as in bench/latency.py (all on loopback): the client and the echo app live in
+this process; each mesh path goes client -> sidecar A (process) -> mTLS -> sidecar B
+(process) -> app. Two meshes run side by side, one per engine; the sidecar processes
+of the h2 mesh get `H2Engine` through a `sitecustomize` that swaps
+`trustmesh_sidecar.runtime.GrpcEngine` (the seam the runtime will select by name).
+Rounds interleave the three paths so machine noise hits them alike; the summary is
+the median over rounds. Results: JSON and Markdown in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from trustmesh.demo.mesh import LocalMesh
+from trustmesh.v1 import registry_pb2 as rpb
+
+METHOD = "/bench.Echo/Unary"
+PAYLOAD = os.urandom(1024)
+
+_SITECUSTOMIZE = """
+import os
+if os.environ.get("TRUSTMESH_BENCH_ENGINE") == "h2":
+    import trustmesh_sidecar.runtime as _runtime
+    from trustmesh_sidecar.h2 import H2Engine
+    _runtime.GrpcEngine = H2Engine
+"""
+
+
+def _docs() -> list[rpb.ManifestDocument]:
+    def doc(kind: str, name: str, spec: dict[str, Any]) -> rpb.ManifestDocument:
+        body = {
+            "apiVersion": "trustmesh.dev/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+        return rpb.ManifestDocument(source=f"bench/{name}", json=json.dumps(body))
+
+    def agent(name: str) -> rpb.ManifestDocument:
+        return doc(
+            "Agent",
+            name,
+            {
+                "spiffeId": f"spiffe://demo.local/agents/{name}",
+                "blueprint": "bench",
+                "sponsor": "bench@example.com",
+            },
+        )
+
+    return [
+        doc("AgentBlueprint", "bench", {"allowedMethods": ["/bench.Echo/*"]}),
+        agent("client"),
+        agent("server"),
+        doc(
+            "AccessPolicy",
+            "bench",
+            {
+                "callers": [{"name": "client"}],
+                "callees": [{"name": "server"}],
+                "methods": ["/bench.Echo/*"],
+            },
+        ),
+    ]
+
+
+async def _echo_server() -> tuple[grpc.aio.Server, str]:
+    async def unary(req: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return req
+
+    server = grpc.aio.server()
+    handlers = {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def _run(channel: grpc.aio.Channel, metadata: list[tuple[str, str]], n: int) -> list[float]:
+    call = channel.unary_unary(METHOD)
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await call(PAYLOAD, metadata=metadata, timeout=5)
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+async def _throughput(
+    channel: grpc.aio.Channel, metadata: list[tuple[str, str]], n: int, inflight: int
+) -> float:
+    call = channel.unary_unary(METHOD)
+    left = n
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await call(PAYLOAD, metadata=metadata, timeout=10)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(inflight)))
+    return n / (time.perf_counter() - start)
+
+
+async def _mesh(root: Path, app: str, engine: str, site: Path) -> tuple[LocalMesh, str]:
+    env = {"OTEL_TRACES_EXPORTER": "none", "TRUSTMESH_BENCH_ENGINE": engine}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    mesh = LocalMesh(root, extra_env=env)
+    await mesh.start_registry()
+    await mesh.apply(_docs())
+    client = await mesh.start_sidecar("client", "127.0.0.1:9")
+    await mesh.start_sidecar("server", app)
+    return mesh, client.outbound
+
+
+async def main_async(
+    rounds: int, calls: int, tput_calls: int, inflight: int, out_dir: Path
+) -> dict[str, Any]:
+    server, app = await _echo_server()
+    meshes: list[LocalMesh] = []
+    with tempfile.TemporaryDirectory(prefix="tm-bench-h2-") as tmp:
+        site = Path(tmp) / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+        try:
+            paths: dict[str, tuple[grpc.aio.Channel, list[tuple[str, str]]]] = {
+                "direct": (grpc.aio.insecure_channel(app), [])
+            }
+            for engine in ("grpc", "h2"):
+                mesh, outbound = await _mesh(Path(tmp) / engine, app, engine, site)
+                meshes.append(mesh)
+                paths[f"mesh-{engine}"] = (
+                    grpc.aio.insecure_channel(outbound),
+                    [("trustmesh-target", "server")],
+                )
+            for ch, md in paths.values():  # warm: connections, caches
+                await _run(ch, md, 50)
+            rows: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+            for _ in range(rounds):
+                for name, (ch, md) in paths.items():
+                    lat = await _run(ch, md, calls)
+                    rate = await _throughput(ch, md, tput_calls, inflight)
+                    rows[name].append(
+                        {"p50": statistics.median(lat), "p99": _pct(lat, 0.99), "rps": rate}
+                    )
+            for ch, _ in paths.values():
+                await ch.close()
+        finally:
+            for mesh in meshes:
+                await mesh.stop()
+            await server.stop(0)
+    summary: dict[str, Any] = {
+        "rounds": rounds,
+        "calls_per_round": calls,
+        "throughput_calls": tput_calls,
+        "inflight": inflight,
+        "payload_bytes": len(PAYLOAD),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    for name, values in rows.items():
+        summary[name] = {k: statistics.median(r[k] for r in values) for k in ("p50", "p99", "rps")}
+    direct = summary["direct"]
+    lines = [
+        "| path | p50 (ms) | p99 (ms) | calls/s at 32 in flight | p50 / direct "
+        "| p99 / direct | throughput / direct |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in rows:
+        s = summary[name]
+        s["ratio_p50"] = s["p50"] / direct["p50"]
+        s["ratio_p99"] = s["p99"] / direct["p99"]
+        s["ratio_rps"] = s["rps"] / direct["rps"]
+        lines.append(
+            f"| {name} | {s['p50']:.3f} | {s['p99']:.3f} | {s['rps']:.0f} | "
+            f"{s['ratio_p50']:.2f}x | {s['ratio_p99']:.2f}x | {s['ratio_rps']:.2f}x |"
+        )
+    table = "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "latency_h2.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "latency_h2.md").write_text(table)
+    print(table)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--throughput-calls", type=int, default=2000)
+    parser.add_argument("--inflight", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="1 round of 30 + 200 calls")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    rounds, calls, tput = (
+        (1, 30, 200) if args.quick else (args.rounds, args.calls, args.throughput_calls)
+    )
+    asyncio.run(main_async(rounds, calls, tput, args.inflight, Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()
