@@ -5,6 +5,11 @@ Two listeners, because grpcio can't make a client certificate optional on one po
 * `--bootstrap-listen`: server TLS only. Join-token exchange and the bundle.
 Both serve `grpc.health.v1`. The registry's own SVID is issued by its CA at start and
 renewed at half its TTL; new handshakes pick it up.
+
+SPIFFE mode (`--credentials spiffe`, ADR 0007): the registry's SVID and the bundles
+come from the SPIFFE Workload API (SPIRE) instead. Then SPIRE is the only issuer of
+workload SVIDs: the embedded CA renews operator credentials and nothing else, and a
+chain to the embedded CA is accepted only for IDs under `/operators/`.
 """
 
 from __future__ import annotations
@@ -12,30 +17,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from trustmesh.ca import CertificateAuthority
+from trustmesh.errors import AccessDeniedError, ConfigError, PeerAuthenticationError
 from trustmesh.grpc_tls import ServerCredentials, server_options
 from trustmesh.limits import DEFAULT_LIMITS, Limits
-from trustmesh.peer_verify import PeerVerifier
+from trustmesh.peer_verify import PeerVerifier, Role
 from trustmesh.spiffe_id import SpiffeId
+from trustmesh.v1 import registry_pb2 as rpb
 from trustmesh.v1 import registry_pb2_grpc as rgrpc
 from trustmesh.v1 import resources_pb2 as pb
-from trustmesh.x509svid import BundleSet, X509Svid, generate_key, make_csr
+from trustmesh.x509svid import BundleSet, TrustBundle, X509Svid, generate_key, make_csr
 from trustmesh_registry.attestation import JoinTokenAttestor
 from trustmesh_registry.datadir import DataDir
-from trustmesh_registry.service import BootstrapService, Issuer, RegistryService
+from trustmesh_registry.service import OPERATORS, BootstrapService, Issuer, RegistryService
 from trustmesh_registry.state import RegistryState
 from trustmesh_registry.store_sqlite import SqliteStore
 
-__all__ = ["RegistryServer", "ServeConfig"]
+__all__ = ["RegistryServer", "ServeConfig", "WorkloadCredentials"]
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +64,86 @@ class ServeConfig:
     # sidecar reconnecting (sidecars reconnect with backoff capped at 5 s).
     endpoint_grace: timedelta = timedelta(seconds=15)
     limits: Limits = DEFAULT_LIMITS
+    # Bundles of other trust domains, published in snapshots (embedded-CA mode; in
+    # SPIFFE mode the Workload API source merges them instead).
+    federated_bundles: BundleSet = field(default_factory=BundleSet)
+
+
+class WorkloadCredentials(Protocol):
+    """The registry's SVID and bundles from the SPIFFE Workload API.
+
+    Implemented by the sidecar package's `WorkloadApiSource`; the CLI (the composition
+    root) injects it, so this package never imports the sidecar's.
+    """
+
+    async def obtain(self) -> X509Svid: ...
+
+    def current(self) -> tuple[X509Svid, BundleSet]: ...
+
+    def subscribe(self, callback: Callable[[X509Svid, BundleSet], None]) -> None: ...
+
+    async def follow(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _OperatorsOnlyIssuer(Issuer):
+    """SPIFFE mode: SPIRE issues every workload SVID; the embedded CA, operators only."""
+
+    def issue(self, csr: bytes, spiffe_id: SpiffeId) -> rpb.SvidResponse:
+        if not spiffe_id.is_under(OPERATORS):
+            raise AccessDeniedError(
+                f"this registry runs with --credentials spiffe: SPIRE issues workload SVIDs "
+                f"and the embedded CA only operator credentials; not issuing {spiffe_id}",
+                reason="issuance_disabled",
+            )
+        return super().issue(csr, spiffe_id)
+
+
+class _WorkloadsAndOperators(PeerVerifier):
+    """SPIFFE mode: a chain to the Workload API's bundles proves any ID; a chain to the
+    embedded CA proves only an operator ID (the CLI's credentials keep working)."""
+
+    def __init__(self, workloads: BundleSet, operators: TrustBundle) -> None:
+        super().__init__(workloads)
+        self._operators = PeerVerifier(BundleSet.of(operators))
+
+    def verify(self, chain_der: Sequence[bytes], *, now: datetime, role: Role) -> SpiffeId:
+        try:
+            return super().verify(chain_der, now=now, role=role)
+        except PeerAuthenticationError as first:
+            try:
+                spiffe_id = self._operators.verify(chain_der, now=now, role=role)
+            except PeerAuthenticationError:
+                raise first from None
+            if not spiffe_id.is_under(OPERATORS):
+                raise first from None
+            return spiffe_id
 
 
 class RegistryServer:
-    def __init__(self, config: ServeConfig, *, clock: Callable[[], datetime] = _now) -> None:
+    svid: X509Svid
+    _mtls_creds: ServerCredentials
+    _boot_creds: ServerCredentials
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        clock: Callable[[], datetime] = _now,
+        workload_api: WorkloadCredentials | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock
+        self.workload_api = workload_api
         self.data = DataDir(config.data_dir)
         self.ca: CertificateAuthority = self.data.load_ca()
         td = self.ca.trust_domain
+        if config.federated_bundles.get(td) is not None:
+            raise ConfigError(f"--federated-bundle names '{td}', the registry's own trust domain")
         self.registry_id = SpiffeId.parse(f"spiffe://{td}/trustmesh/registry")
         self.store = SqliteStore(self.data.database)
-        self.issuer = Issuer(
+        self.issuer = (Issuer if workload_api is None else _OperatorsOnlyIssuer)(
             self.ca,
             self.registry_id,
             self.bundles,
@@ -79,9 +155,10 @@ class RegistryServer:
         self.state = RegistryState(self.store, self.bundles, reserved_ids=self.issuer.is_reserved)
         self.bundle_set = BundleSet().with_bundle(self.ca.bundle())
         self._verifier = PeerVerifier(self.bundle_set)
-        self.svid = self._issue_own_svid()
-        self._mtls_creds = ServerCredentials(self.svid, self.bundle_set)
-        self._boot_creds = ServerCredentials(self.svid, self.bundle_set, verify_clients=False)
+        if workload_api is None:
+            self.svid = self._issue_own_svid()
+            self._mtls_creds = ServerCredentials(self.svid, self.bundle_set)
+            self._boot_creds = ServerCredentials(self.svid, self.bundle_set, verify_clients=False)
         self._servers: list[grpc.aio.Server] = []
         self._health: list[HealthServicer] = []
         self._renewer: asyncio.Task[None] | None = None
@@ -90,8 +167,44 @@ class RegistryServer:
         self.bootstrap_address = ""
 
     def bundles(self) -> list[pb.TrustBundle]:
-        b = self.ca.bundle()
-        return [pb.TrustBundle(trust_domain=b.trust_domain.name, x509_authorities=list(b.der()))]
+        """What the registry publishes (snapshots, `GetBundle`, SVID responses)."""
+        if self.workload_api is not None:
+            _, published = self.workload_api.current()
+        else:
+            published = self.config.federated_bundles.with_bundle(self.ca.bundle())
+        return [
+            pb.TrustBundle(trust_domain=b.trust_domain.name, x509_authorities=list(b.der()))
+            for b in published
+        ]
+
+    async def _take_workload_svid(self, api: WorkloadCredentials) -> None:
+        svid = await api.obtain()
+        if svid.spiffe_id != self.registry_id:
+            raise ConfigError(
+                f"the SPIFFE Workload API issued {svid.spiffe_id} to the registry; register "
+                f"the registry in SPIRE as {self.registry_id}, the ID sidecars and the CLI expect"
+            )
+        _, bundles = api.current()
+        self._use_workload_svid(svid, bundles, first=True)
+        api.subscribe(self._use_workload_svid)
+
+    def _use_workload_svid(self, svid: X509Svid, bundles: BundleSet, first: bool = False) -> None:
+        operators = self.ca.bundle()
+        own = bundles.get(operators.trust_domain)
+        assert own is not None  # the source refuses an update without our own bundle
+        # TLS accepts both issuers; `_WorkloadsAndOperators` then tells them apart.
+        tls_roots = bundles.with_bundle(
+            TrustBundle(own.trust_domain, own.authorities + operators.authorities)
+        )
+        self.svid = svid
+        self._verifier = _WorkloadsAndOperators(bundles, operators)
+        if first:
+            self._mtls_creds = ServerCredentials(svid, tls_roots)
+            self._boot_creds = ServerCredentials(svid, tls_roots, verify_clients=False)
+        else:
+            self._mtls_creds.update(svid, tls_roots)
+            self._boot_creds.update(svid, tls_roots)
+            log.info("registry SVID from the Workload API: serial %s", svid.serial_hex)
 
     def _issue_own_svid(self) -> X509Svid:
         from cryptography.hazmat.primitives.serialization import Encoding
@@ -107,6 +220,8 @@ class RegistryServer:
 
     async def start(self) -> None:
         limits = self.config.limits
+        if self.workload_api is not None:
+            await self._take_workload_svid(self.workload_api)
         mtls = grpc.aio.server(options=server_options(limits, age=True))
         rgrpc.add_RegistryServicer_to_server(
             RegistryService(
@@ -131,7 +246,9 @@ class RegistryServer:
             await health.set("", health_pb2.HealthCheckResponse.SERVING)
             await health.set("trustmesh.v1.Registry", health_pb2.HealthCheckResponse.SERVING)
         loop = asyncio.get_running_loop()
-        self._renewer = loop.create_task(self._renew_loop())
+        self._renewer = loop.create_task(
+            self._renew_loop() if self.workload_api is None else self.workload_api.follow()
+        )
         self._expiry = loop.call_later(
             self.config.endpoint_grace.total_seconds(), self.state.expire_stale_endpoints
         )
@@ -161,6 +278,8 @@ class RegistryServer:
             with contextlib.suppress(Exception):
                 await health.enter_graceful_shutdown()
         await asyncio.gather(*(s.stop(grace) for s in self._servers), return_exceptions=True)
+        if self.workload_api is not None:
+            self.workload_api.close()
         self.store.close()
 
     async def wait(self) -> None:

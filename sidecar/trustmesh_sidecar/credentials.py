@@ -57,8 +57,9 @@ log = logging.getLogger(__name__)
 class CredentialSource(Protocol):
     """The SVID, the bundles per trust domain, and a signer with the SVID's key.
 
-    The embedded-CA source is `RegistryCredentials`; a SPIFFE Workload API source
-    (SPIRE) implements the same three things.
+    The embedded-CA source is `RegistryCredentials`; the SPIFFE Workload API source
+    (SPIRE) is `spiffe_source.WorkloadApiSource` (ADR 0007). The sidecar runtime uses
+    only what is declared here.
     """
 
     def current(self) -> tuple[X509Svid, BundleSet]: ...
@@ -67,6 +68,23 @@ class CredentialSource(Protocol):
 
     def sign(self, data: bytes) -> tuple[bytes, X509Svid]:
         """ECDSA signature over `data` with the current SVID's key, and that SVID."""
+        ...
+
+    @property
+    def registry_id(self) -> SpiffeId:
+        """The registry's SPIFFE ID, in the trust domain of our SVID."""
+        ...
+
+    async def obtain(self) -> X509Svid:
+        """The first SVID; the sidecar stays NOT_SERVING until this returns."""
+        ...
+
+    async def renew_forever(self, channels: MeshChannels) -> None:
+        """Keep the SVID fresh for as long as the sidecar runs; subscribers hear of it."""
+        ...
+
+    def set_bundles(self, bundles: BundleSet) -> None:
+        """The bundles the sidecar now uses (from the registry snapshot in CA mode)."""
         ...
 
 

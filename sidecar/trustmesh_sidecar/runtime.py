@@ -2,6 +2,10 @@
 
 Health (`grpc.health.v1` on the admin listener) reports SERVING only once the
 sidecar holds an SVID and a snapshot.
+
+Credentials come from the embedded CA (`RegistryCredentials`, the default) or, with
+`spiffe_endpoint_socket`, from the SPIFFE Workload API (`WorkloadApiSource`,
+ADR 0007); the sidecar's identity is then its SVID's ID.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -22,16 +26,19 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from trustmesh.channels import MeshChannels
+from trustmesh.errors import ConfigError
 from trustmesh.limits import DEFAULT_LIMITS, Limits
+from trustmesh.peer_verify import PeerVerifier
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.user_token import IssuerConfig, UserTokenVerifier
 from trustmesh.v1 import sidecar_pb2 as spb
 from trustmesh.v1 import sidecar_pb2_grpc as sgrpc
 from trustmesh.x509svid import BundleSet, X509Svid
-from trustmesh_sidecar.credentials import RegistryCredentials
+from trustmesh_sidecar.credentials import CredentialSource, RegistryCredentials
 from trustmesh_sidecar.engine import Upstream
 from trustmesh_sidecar.grpc_engine import GrpcEngine
 from trustmesh_sidecar.routing import InboundRouter, OutboundRouter
+from trustmesh_sidecar.spiffe_source import SnapshotWithoutBundles, WorkloadApiSource
 from trustmesh_sidecar.state import SidecarState, system_clock
 from trustmesh_sidecar.watch import watch_forever
 
@@ -42,7 +49,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SidecarConfig:
-    spiffe_id: SpiffeId
+    # Required with the embedded CA; in SPIFFE mode optional, and if given it must be
+    # the ID of the SVID the Workload API issues.
+    spiffe_id: SpiffeId | None
     registry: str
     app: str
     data_dir: Path
@@ -57,6 +66,10 @@ class SidecarConfig:
     # Issuers of user access tokens this sidecar verifies (`--oidc-issuers`).
     user_token_issuers: tuple[IssuerConfig, ...] = ()
     limits: Limits = DEFAULT_LIMITS
+    # SPIFFE mode (ADR 0007): the Workload API address (unix:///...), and bundles of
+    # other trust domains for those the Workload API does not deliver.
+    spiffe_endpoint_socket: str | None = None
+    federated_bundles: BundleSet = field(default_factory=BundleSet)
 
     def bootstrap_address(self) -> str:
         if self.registry_bootstrap:
@@ -101,16 +114,7 @@ class Sidecar:
         self.clock = clock
         provider = tracer_provider or trace.get_tracer_provider()
         self.tracer = provider.get_tracer("trustmesh.sidecar")
-        self.credentials = RegistryCredentials(
-            config.spiffe_id,
-            registry=config.registry,
-            bootstrap=config.bootstrap_address(),
-            data_dir=config.data_dir,
-            clock=clock,
-            join_token=config.join_token,
-            bundle_file=config.trust_bundle,
-            ca_fingerprint=config.ca_fingerprint,
-        )
+        self.credentials = _credential_source(config, clock)
         self.state: SidecarState | None = None
         self.engine: GrpcEngine | None = None
         self.inbound: InboundRouter | None = None
@@ -136,7 +140,9 @@ class Sidecar:
 
         svid = await self.credentials.obtain()
         _, bundles = self.credentials.current()
-        state = SidecarState(cfg.spiffe_id, svid, bundles, clock=self.clock)
+        state = SidecarState(svid.spiffe_id, svid, bundles, clock=self.clock)
+        if isinstance(self.credentials, WorkloadApiSource):
+            state.snapshot = SnapshotWithoutBundles()  # the Workload API decides bundles
         if cfg.user_token_issuers:
             state.user_tokens = UserTokenVerifier(cfg.user_token_issuers, limits=cfg.limits)
         self.state = state
@@ -155,7 +161,7 @@ class Sidecar:
             inbound_router=self.inbound,
             outbound_router=outbound,
         )
-        self.credentials.subscribe(lambda s, b: state.set_svid(s))
+        self.credentials.subscribe(self._source_updated)
         state.on_credentials(self._credentials_changed)
         state.on_snapshot(self._refresh_health)
         advertise = cfg.advertise or self.inbound_address
@@ -175,11 +181,24 @@ class Sidecar:
         ]
         log.info(
             "sidecar %s: outbound %s, inbound %s, admin %s",
-            cfg.spiffe_id,
+            state.spiffe_id,
             self.outbound_address,
             self.inbound_address,
             self.admin_address,
         )
+
+    def _source_updated(self, svid: X509Svid, bundles: BundleSet) -> None:
+        state = self.state
+        if state is None:
+            return
+        if isinstance(self.credentials, WorkloadApiSource) and (
+            bundles.version != state.bundles.version
+        ):
+            # The credential source is the state's other writer (state.py); in CA mode
+            # bundles come with the snapshot instead.
+            state.bundles = bundles
+            state.verifier = PeerVerifier(bundles)
+        state.set_svid(svid)
 
     def _credentials_changed(self, svid: X509Svid, bundles: BundleSet) -> None:
         if self.engine is not None:
@@ -224,3 +243,31 @@ class Sidecar:
             await self._channels.close()
         if self._admin is not None:
             await self._admin.stop(grace)
+        if isinstance(self.credentials, WorkloadApiSource):
+            self.credentials.close()
+
+
+def _credential_source(config: SidecarConfig, clock: Callable[[], datetime]) -> CredentialSource:
+    if config.spiffe_endpoint_socket:
+        return WorkloadApiSource(
+            config.spiffe_endpoint_socket,
+            expected_id=config.spiffe_id,
+            federated=config.federated_bundles,
+        )
+    if config.spiffe_id is None:
+        raise ConfigError("the sidecar needs --spiffe-id unless it runs with --credentials spiffe")
+    if len(config.federated_bundles):
+        raise ConfigError(
+            "--federated-bundle on the sidecar needs --credentials spiffe; with the embedded "
+            "CA, give it to `trustmesh registry serve`, which publishes it in the snapshot"
+        )
+    return RegistryCredentials(
+        config.spiffe_id,
+        registry=config.registry,
+        bootstrap=config.bootstrap_address(),
+        data_dir=config.data_dir,
+        clock=clock,
+        join_token=config.join_token,
+        bundle_file=config.trust_bundle,
+        ca_fingerprint=config.ca_fingerprint,
+    )

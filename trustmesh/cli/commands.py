@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import re
 import signal
 import sys
@@ -27,6 +29,8 @@ from trustmesh.operator_client import OperatorClient
 from trustmesh.spiffe_id import SpiffeId, TrustDomain
 from trustmesh.v1 import registry_pb2 as rpb
 from trustmesh.x509svid import (
+    BundleSet,
+    TrustBundle,
     X509Svid,
     generate_key,
     make_csr,
@@ -239,28 +243,100 @@ def _run_until_signal(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, done.set)
-        await start()
+        # A signal also ends a start that is still waiting: with --credentials spiffe,
+        # start() retries for as long as the Workload API stays away.
+        starting = asyncio.ensure_future(start())
+        signalled = asyncio.ensure_future(done.wait())
         try:
-            await done.wait()
+            await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                return
+            starting.result()
+            await signalled
         finally:
+            signalled.cancel()
             await stop()
 
     asyncio.run(body())
     return 0
 
 
+_CA_FLAGS = (
+    ("join_token", "--join-token"),
+    ("trust_bundle", "--trust-bundle"),
+    ("ca_fingerprint", "--ca-fingerprint"),
+)
+
+
+def _credentials_mode(args: argparse.Namespace, *, auto: bool) -> str:
+    """`ca` or `spiffe`. With `auto` (the sidecar), SPIFFE_ENDPOINT_SOCKET alone, with
+    no embedded-CA flag, selects `spiffe`."""
+    mode = args.credentials
+    if mode not in (None, "", "ca", "spiffe"):
+        raise ConfigError(f"--credentials {mode!r}: use ca (the embedded CA) or spiffe (SPIRE)")
+    if not mode:
+        ca_flags = any(getattr(args, name, None) for name, _ in _CA_FLAGS)
+        mode = "spiffe" if auto and args.spiffe_endpoint_socket and not ca_flags else "ca"
+    if mode == "spiffe":
+        if not args.spiffe_endpoint_socket:
+            raise ConfigError(
+                "--credentials spiffe needs the Workload API socket: set SPIFFE_ENDPOINT_SOCKET "
+                "or pass --spiffe-endpoint-socket unix:///run/spire/agent.sock"
+            )
+        from trustmesh_sidecar.spiffe_source import endpoint_socket
+
+        endpoint_socket(args.spiffe_endpoint_socket)
+    return str(mode)
+
+
+def _federated_bundles(args: argparse.Namespace) -> BundleSet:
+    values = args.federated_bundle
+    if values is None:
+        env = os.environ.get("TRUSTMESH_FEDERATED_BUNDLES", "")
+        values = [v for v in env.split(",") if v.strip()]
+    result = BundleSet()
+    for value in values:
+        name, sep, path = value.partition("=")
+        name = name.strip().removeprefix("spiffe://")
+        if not sep or not name or not path.strip():
+            raise ConfigError(
+                f"--federated-bundle {value!r}: expected TRUST_DOMAIN=PATH, "
+                "e.g. partner.example=/etc/trustmesh/partner.pem"
+            )
+        td = TrustDomain.parse(name)
+        if result.get(td) is not None:
+            raise ConfigError(f"--federated-bundle names trust domain '{td}' twice")
+        bundle = TrustBundle.from_pem(td, _read(Path(path.strip())))
+        if not bundle.authorities:
+            raise ConfigError(f"--federated-bundle {td}: {path.strip()} holds no certificate")
+        result = result.with_bundle(bundle)
+    return result
+
+
 def cmd_registry_serve(args: argparse.Namespace) -> int:
     from trustmesh.telemetry import configure_tracing
     from trustmesh_registry.server import RegistryServer, ServeConfig
 
+    federated = _federated_bundles(args)
+    workload_api = None
+    if _credentials_mode(args, auto=False) == "spiffe":
+        # The composition root lends the sidecar's Workload API source to the registry.
+        from trustmesh_sidecar.spiffe_source import WorkloadApiSource
+
+        workload_api = WorkloadApiSource(args.spiffe_endpoint_socket, federated=federated)
+        federated = BundleSet()
     configure_tracing("trustmesh-registry")
     config = ServeConfig(
         Path(args.data_dir),
         listen=args.listen,
         bootstrap_listen=args.bootstrap_listen,
         svid_ttl=parse_duration(args.svid_ttl),
+        federated_bundles=federated,
     )
-    server = RegistryServer(config)
+    server = RegistryServer(config, workload_api=workload_api)
 
     async def start() -> None:
         await server.start()
@@ -277,18 +353,28 @@ def cmd_sidecar_run(args: argparse.Namespace) -> int:
     from trustmesh_sidecar.oidc_config import load_issuers
     from trustmesh_sidecar.runtime import Sidecar, SidecarConfig
 
-    missing = [
-        f"--{f.replace('_', '-')}"
-        for f in ("spiffe_id", "registry", "app", "data_dir")
-        if not getattr(args, f)
-    ]
+    spiffe = _credentials_mode(args, auto=True) == "spiffe"
+    # In SPIFFE mode the identity is the SVID's; --spiffe-id, if given, must match it.
+    required = ["registry", "app", "data_dir"]
+    if not spiffe:
+        required.insert(0, "spiffe_id")
+    missing = [f"--{f.replace('_', '-')}" for f in required if not getattr(args, f)]
     if missing:
         raise ConfigError(
             f"sidecar run needs {', '.join(missing)} (or their TRUSTMESH_* variables)"
         )
-    provider = configure_tracing(f"trustmesh-sidecar {args.spiffe_id}")
+    if spiffe:
+        given = [flag for name, flag in _CA_FLAGS if getattr(args, name)]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: embedded-CA flags, but this sidecar takes its SVID from "
+                "the SPIFFE Workload API; drop them, or pass --credentials ca"
+            )
+    provider = configure_tracing(f"trustmesh-sidecar {args.spiffe_id or '(spiffe)'}")
     config = SidecarConfig(
-        spiffe_id=SpiffeId.parse(args.spiffe_id),
+        spiffe_id=SpiffeId.parse(args.spiffe_id) if args.spiffe_id else None,
+        spiffe_endpoint_socket=args.spiffe_endpoint_socket if spiffe else None,
+        federated_bundles=_federated_bundles(args),
         registry=args.registry,
         registry_bootstrap=args.registry_bootstrap or "",
         join_token=args.join_token,
@@ -306,8 +392,9 @@ def cmd_sidecar_run(args: argparse.Namespace) -> int:
 
     async def start() -> None:
         await sidecar.start()
+        me = sidecar.state.spiffe_id if sidecar.state is not None else config.spiffe_id
         print(
-            f"sidecar {config.spiffe_id} outbound={sidecar.outbound_address} "
+            f"sidecar {me} outbound={sidecar.outbound_address} "
             f"inbound={sidecar.inbound_address} admin={sidecar.admin_address}",
             flush=True,
         )

@@ -33,6 +33,29 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", choices=["text", "json", "yaml"], default="text")
 
 
+def _add_spiffe_flags(p: argparse.ArgumentParser, *, default_help: str) -> None:
+    """SPIFFE mode (ADR 0007, docs/spire.md): credentials from the Workload API."""
+    p.add_argument(
+        "--credentials",
+        default=_env("TRUSTMESH_CREDENTIALS"),
+        metavar="{ca,spiffe}",
+        help="where the SVID and bundles come from: the embedded CA, or the SPIFFE Workload "
+        f"API (SPIRE); default: {default_help} ($TRUSTMESH_CREDENTIALS)",
+    )
+    p.add_argument(
+        "--spiffe-endpoint-socket",
+        default=_env("SPIFFE_ENDPOINT_SOCKET"),
+        help="the Workload API address, e.g. unix:///run/spire/agent.sock ($SPIFFE_ENDPOINT_SOCKET)",
+    )
+    p.add_argument(
+        "--federated-bundle",
+        action="append",
+        metavar="TRUST_DOMAIN=PATH",
+        help="PEM bundle of another trust domain; repeatable "
+        "($TRUSTMESH_FEDERATED_BUNDLES, comma-separated)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trustmesh", description="A trust mesh for AI agents.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
@@ -56,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap-listen", default=_env("TRUSTMESH_BOOTSTRAP_LISTEN", "127.0.0.1:8444")
     )
     serve.add_argument("--svid-ttl", default=_env("TRUSTMESH_SVID_TTL", "1h"))
+    _add_spiffe_flags(serve, default_help="ca")
 
     # resources
     apply = sub.add_parser("apply", help="create or update resources from YAML")
@@ -127,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         value = _env(env, default)
         run.add_argument(flag, default=value, help=f"{help_} (${env})")
+    _add_spiffe_flags(
+        run, default_help="spiffe if SPIFFE_ENDPOINT_SOCKET is set and no embedded-CA flag is given"
+    )
     status = ssub.add_parser("status", help="ask a sidecar's admin API")
     status.add_argument("--admin", default=_env("TRUSTMESH_ADMIN", "127.0.0.1:15000"))
     status.add_argument("-o", "--output", choices=["text", "json"], default="text")
