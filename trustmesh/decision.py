@@ -31,6 +31,7 @@ class Reason(enum.StrEnum):
     # transport and identity
     PEER_UNAUTHENTICATED = "peer_unauthenticated"
     PEER_IDENTITY_MISMATCH = "peer_identity_mismatch"
+    PEER_UNTRUSTED = "peer_untrusted"
     # the sidecar itself
     NO_SNAPSHOT = "no_snapshot"
     BAD_METHOD = "bad_method"
@@ -54,6 +55,7 @@ class Reason(enum.StrEnum):
 _CODES: dict[Reason, Code] = {
     Reason.PEER_UNAUTHENTICATED: Code.UNAUTHENTICATED,
     Reason.PEER_IDENTITY_MISMATCH: Code.UNAUTHENTICATED,
+    Reason.PEER_UNTRUSTED: Code.UNAUTHENTICATED,
     Reason.NO_SNAPSHOT: Code.UNAVAILABLE,
     Reason.NO_ENDPOINT: Code.UNAVAILABLE,
     Reason.MISSING_TARGET: Code.INVALID_ARGUMENT,

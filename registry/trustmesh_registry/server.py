@@ -222,7 +222,10 @@ class RegistryServer:
         limits = self.config.limits
         if self.workload_api is not None:
             await self._take_workload_svid(self.workload_api)
-        mtls = grpc.aio.server(options=server_options(limits, age=True))
+        # The watch stream carries full snapshots, which outgrow ordinary messages.
+        mtls = grpc.aio.server(
+            options=server_options(limits, age=True, send_bytes=limits.max_snapshot_bytes)
+        )
         rgrpc.add_RegistryServicer_to_server(
             RegistryService(
                 self.state, self.issuer, self.attestor, lambda: self._verifier, limits=limits

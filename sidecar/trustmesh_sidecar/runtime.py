@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +35,7 @@ from trustmesh.user_token import IssuerConfig, UserTokenVerifier
 from trustmesh.v1 import sidecar_pb2 as spb
 from trustmesh.v1 import sidecar_pb2_grpc as sgrpc
 from trustmesh.x509svid import BundleSet, X509Svid
+from trustmesh_sidecar import engine_select
 from trustmesh_sidecar.credentials import CredentialSource, RegistryCredentials
 from trustmesh_sidecar.engine import Upstream
 from trustmesh_sidecar.grpc_engine import GrpcEngine
@@ -41,6 +43,9 @@ from trustmesh_sidecar.routing import InboundRouter, OutboundRouter
 from trustmesh_sidecar.spiffe_source import SnapshotWithoutBundles, WorkloadApiSource
 from trustmesh_sidecar.state import SidecarState, system_clock
 from trustmesh_sidecar.watch import watch_forever
+
+if TYPE_CHECKING:
+    from trustmesh_sidecar.h2.engine import H2Engine
 
 __all__ = ["Sidecar", "SidecarConfig"]
 
@@ -65,6 +70,9 @@ class SidecarConfig:
     advertise: str = ""  # the inbound address peers should dial; default: --inbound
     # Issuers of user access tokens this sidecar verifies (`--oidc-issuers`).
     user_token_issuers: tuple[IssuerConfig, ...] = ()
+    # The forwarding engine: "grpc" (grpc.aio + TLS bridge, ADR 0006) or "h2" (frames
+    # on Python ssl, ADR 0009).
+    engine: str = "grpc"
     limits: Limits = DEFAULT_LIMITS
     # SPIFFE mode (ADR 0007): the Workload API address (unix:///...), and bundles of
     # other trust domains for those the Workload API does not deliver.
@@ -116,7 +124,7 @@ class Sidecar:
         self.tracer = provider.get_tracer("trustmesh.sidecar")
         self.credentials = _credential_source(config, clock)
         self.state: SidecarState | None = None
-        self.engine: GrpcEngine | None = None
+        self.engine: GrpcEngine | H2Engine | None = None
         self.inbound: InboundRouter | None = None
         self.inbound_address = ""
         self.outbound_address = ""
@@ -146,12 +154,19 @@ class Sidecar:
         if cfg.user_token_issuers:
             state.user_tokens = UserTokenVerifier(cfg.user_token_issuers, limits=cfg.limits)
         self.state = state
-        engine = GrpcEngine(svid, bundles, limits=cfg.limits, bridge_dir=cfg.data_dir / "bridge")
+        engine: GrpcEngine | H2Engine
+        if cfg.engine == "grpc":
+            engine = GrpcEngine(svid, bundles, limits=cfg.limits, bridge_dir=cfg.data_dir / "bridge")
+        else:
+            engine = engine_select.build(
+                cfg.engine, svid, bundles, limits=cfg.limits, bridge_dir=cfg.data_dir / "bridge"
+            )
         self.engine = engine
         self._channels = MeshChannels(
             lambda: (state.svid, state.bundles),
             limits=cfg.limits,
             directory=cfg.data_dir / "bridge-registry",
+            receive_bytes=cfg.limits.max_snapshot_bytes,  # a full snapshot can be large
         )
         self.inbound = InboundRouter(state, cfg.app, self.tracer, limits=cfg.limits)
         outbound = OutboundRouter(state, self.tracer, engine.explain, limits=cfg.limits)

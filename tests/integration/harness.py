@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -256,6 +257,8 @@ class Mesh:
             admin="127.0.0.1:0",
             data_dir=self.root / "sidecars" / name,
             limits=self.limits,
+            # TRUSTMESH_TEST_ENGINE=h2 runs the integration suite on the frame engine.
+            engine=os.environ.get("TRUSTMESH_TEST_ENGINE", "grpc"),
         )
         sidecar = Sidecar(config, tracer_provider=provider)
         await sidecar.start()

@@ -319,6 +319,14 @@ async def test_restarted_registry_epoch_is_taken(tmp_path: Path, stopper: list[M
         f"{unreachable} probes saw no_endpoint meanwhile"
     )
     assert details.startswith("trustmesh: agent_disabled: ") and "after restart" in details
+    # The first denial may come from alice's own sidecar (revocation at the source);
+    # bob, the callee, must take the new epoch and see alice disabled too.
+    while True:
+        seen = bob.sidecar.state.snapshot.agent_by_id(agent_id("alice"))
+        if bob.sidecar.state.snapshot.epoch == new.state.epoch and seen is not None and seen.disabled:
+            break
+        assert loop.time() - start < 10, "bob never took the restarted registry's snapshot"
+        await asyncio.sleep(0.05)
     assert bob.sidecar.state.snapshot.epoch == new.state.epoch != old_epoch
 
 

@@ -387,6 +387,7 @@ def cmd_sidecar_run(args: argparse.Namespace) -> int:
         admin=args.admin,
         data_dir=Path(args.data_dir),
         user_token_issuers=load_issuers(Path(args.oidc_issuers)) if args.oidc_issuers else (),
+        engine=args.engine,
     )
     sidecar = Sidecar(config, tracer_provider=provider)
 

@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--admin", "TRUSTMESH_ADMIN", "127.0.0.1:15000", "health and the local API"),
         ("--data-dir", "TRUSTMESH_DATA_DIR", None, "where the SVID is kept (0700)"),
         ("--oidc-issuers", "TRUSTMESH_OIDC_ISSUERS", None, "YAML file of trusted user-token issuers"),
+        ("--engine", "TRUSTMESH_ENGINE", "grpc", "forwarding engine: grpc or h2 (ADR 0009)"),
     ]:
         value = _env(env, default)
         run.add_argument(flag, default=value, help=f"{help_} (${env})")
@@ -157,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = ssub.add_parser("status", help="ask a sidecar's admin API")
     status.add_argument("--admin", default=_env("TRUSTMESH_ADMIN", "127.0.0.1:15000"))
     status.add_argument("-o", "--output", choices=["text", "json"], default="text")
+
+    from trustmesh.k8s.cli import add_k8s_commands
+
+    add_k8s_commands(sub)
 
     demo = sub.add_parser("demo", help="run a local mesh end to end")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -180,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             audit.addHandler(handler)
         audit.propagate = False
     try:
+        if args.command in ("webhook", "reconcile"):
+            from trustmesh.k8s.cli import dispatch_k8s
+
+            return dispatch_k8s(args)
         from trustmesh.cli import commands
 
         return commands.dispatch(args)
