@@ -7,7 +7,9 @@ kinds, and a hand-written schema for SPIRE's ClusterSPIFFEID.
 
 from __future__ import annotations
 
+import os
 from typing import Any
+from unittest import mock
 
 import pytest
 from k8s_support import (
@@ -230,7 +232,7 @@ def test_webhook_config_map_is_a_valid_config(
 
 def test_spire_overlay_registers_what_the_webhook_derives() -> None:
     objs = render("overlays/spire")
-    (cid,) = by_kind(objs, "ClusterSPIFFEID")
+    cid = one(objs, "ClusterSPIFFEID", "trustmesh-agents")
     config = webhook_config(objs)
     # Our template with SPIRE's placeholders gives SPIRE's template.
     as_spire = (
@@ -244,6 +246,60 @@ def test_spire_overlay_registers_what_the_webhook_derives() -> None:
     assert (
         cid["spec"]["namespaceSelector"]["matchLabels"] == hook["namespaceSelector"]["matchLabels"]
     )
+
+
+def test_spire_overlay_runs_the_registry_on_spiffe_credentials() -> None:
+    objs = render("overlays/spire")
+    reg = one(objs, "Deployment", "trustmesh-registry")
+    pod = reg["spec"]["template"]["spec"]
+    server = next(c for c in pod["containers"] if c["name"] == "registry")
+    assert server["args"] == ["registry", "serve"]
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    assert env["TRUSTMESH_CREDENTIALS"] == "spiffe"
+    assert env["SPIFFE_ENDPOINT_SOCKET"] == "unix:///spiffe-workload-api/spire-agent.sock"
+    # The base's settings survive the patch.
+    assert env["TRUSTMESH_LISTEN"] == "0.0.0.0:8443"
+    assert env["TRUSTMESH_DATA_DIR"] == "/var/lib/trustmesh/data"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["spiffe-workload-api"] == {
+        "name": "spiffe-workload-api",
+        "csi": {"driver": "csi.spiffe.io", "readOnly": True},
+    }
+    assert {"data", "init", "ca", "tmp"} <= set(volumes)
+    mounts = {m["name"]: m for m in server["volumeMounts"]}
+    assert mounts["spiffe-workload-api"]["mountPath"] == "/spiffe-workload-api"
+    assert mounts["spiffe-workload-api"]["readOnly"] is True
+    # The socket path is under the mount, and matches what the injector gives sidecars.
+    assert env["SPIFFE_ENDPOINT_SOCKET"].startswith("unix:///spiffe-workload-api/")
+
+    # The flags `registry serve` reads from that environment select SPIFFE mode.
+    from trustmesh.cli.main import build_parser
+
+    parser_env = {k: v for k, v in env.items() if v is not None}
+    with mock.patch.dict(os.environ, parser_env):
+        args = build_parser().parse_args(["registry", "serve"])
+    assert args.credentials == "spiffe"
+    assert args.spiffe_endpoint_socket == "unix:///spiffe-workload-api/spire-agent.sock"
+
+    # SPIRE gives the registry pod exactly the ID sidecars and operators expect.
+    cid = one(objs, "ClusterSPIFFEID", "trustmesh-registry")
+    assert cid["spec"]["spiffeIDTemplate"] == "spiffe://{{ .TrustDomain }}/trustmesh/registry"
+    selected = cid["spec"]["podSelector"]["matchLabels"]
+    assert selected.items() <= pod_labels(reg).items()
+    assert cid["spec"]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": reg["metadata"]["namespace"]
+    }
+    # ...and the agents' entry can't also match it (two IDs for one pod).
+    agents = one(objs, "ClusterSPIFFEID", "trustmesh-agents")
+    assert not agents["spec"]["podSelector"]["matchLabels"].items() <= pod_labels(reg).items()
+    # Without SPIRE the registry keeps its embedded-CA mode.
+    base_reg = one(render("base"), "Deployment", "trustmesh-registry")
+    base_env = {e["name"] for c in containers(base_reg) for e in c.get("env", [])}
+    assert not {"TRUSTMESH_CREDENTIALS", "SPIFFE_ENDPOINT_SOCKET"} & base_env
+
+
+def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    return dict(deployment["spec"]["template"]["metadata"]["labels"])
 
 
 def test_observability_overlay_wires_collector_to_jaeger() -> None:
@@ -352,7 +408,7 @@ def _edit(kind: str, name: str, change: Any) -> Any:
         ),
         pytest.param(
             "ClusterSPIFFEID typo",
-            _edit("ClusterSPIFFEID", "trustmesh", lambda o: o["spec"].update(podSelecter={})),
+            _edit("ClusterSPIFFEID", "trustmesh-agents", lambda o: o["spec"].update(podSelecter={})),
             "Additional properties are not allowed ('podSelecter' was unexpected)",
             id="spire-typo",
         ),
