@@ -63,6 +63,8 @@ class ServeConfig:
     # How long endpoints inherited from the last run are served without their
     # sidecar reconnecting (sidecars reconnect with backoff capped at 5 s).
     endpoint_grace: timedelta = timedelta(seconds=15)
+    # Optional plaintext listener serving only grpc.health.v1 (`--health-listen`).
+    health_listen: str = ""
     limits: Limits = DEFAULT_LIMITS
     # Bundles of other trust domains, published in snapshots (embedded-CA mode; in
     # SPIFFE mode the Workload API source merges them instead).
@@ -165,6 +167,7 @@ class RegistryServer:
         self._expiry: asyncio.TimerHandle | None = None
         self.address = ""
         self.bootstrap_address = ""
+        self.health_address = ""
 
     def bundles(self) -> list[pb.TrustBundle]:
         """What the registry publishes (snapshots, `GetBundle`, SVID responses)."""
@@ -234,15 +237,22 @@ class RegistryServer:
         )
         boot = grpc.aio.server(options=server_options(limits, age=True))
         rgrpc.add_BootstrapServicer_to_server(BootstrapService(self.issuer, self.attestor), boot)
-        for server in (mtls, boot):
+        servers = [mtls, boot]
+        if self.config.health_listen:
+            # Plaintext, health only: for probes that can't do TLS (the kubelet's).
+            servers.append(grpc.aio.server(options=server_options(limits, age=False)))
+        for server in servers:
             health = HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health, server)
             self._health.append(health)
         port = mtls.add_secure_port(self.config.listen, self._mtls_creds.credentials())
         bport = boot.add_secure_port(self.config.bootstrap_listen, self._boot_creds.credentials())
-        await mtls.start()
-        await boot.start()
-        self._servers = [mtls, boot]
+        if self.config.health_listen:
+            hport = servers[2].add_insecure_port(self.config.health_listen)
+            self.health_address = f"{self.config.health_listen.rpartition(':')[0]}:{hport}"
+        for server in servers:
+            await server.start()
+        self._servers = servers
         self.address = f"{self.config.listen.rpartition(':')[0]}:{port}"
         self.bootstrap_address = f"{self.config.bootstrap_listen.rpartition(':')[0]}:{bport}"
         for health in self._health:

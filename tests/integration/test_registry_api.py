@@ -277,3 +277,34 @@ async def test_delete_blueprint_in_use_is_refused(mesh: Mesh) -> None:
     spare = rpb.DeleteRequest(kind="blueprint", name="spare")
     await mesh.operator.call(lambda s: s.Delete(spare, timeout=10))
     assert await _names(mesh, "blueprints") == {"shared"}
+
+
+async def test_plaintext_health_listener_serves_health_only(tmp_path: Path) -> None:
+    """`--health-listen`: kubelet-style gRPC probes without TLS; no registry API there."""
+    from datetime import UTC, datetime
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from trustmesh.spiffe_id import TrustDomain
+    from trustmesh.v1 import registry_pb2_grpc
+    from trustmesh_registry.datadir import DataDir
+    from trustmesh_registry.server import RegistryServer, ServeConfig
+
+    data = tmp_path / "reg"
+    DataDir(data).init(TrustDomain.parse(TD), now=datetime.now(UTC), registry_address="127.0.0.1:0")
+    server = RegistryServer(ServeConfig(data, listen="127.0.0.1:0", bootstrap_listen="127.0.0.1:0",
+                                        health_listen="127.0.0.1:0"))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.health_address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await registry_pb2_grpc.RegistryStub(channel).Get(
+                    rpb.GetRequest(kind="agents"), timeout=5
+                )
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(0.2)

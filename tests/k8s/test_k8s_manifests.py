@@ -113,9 +113,10 @@ def test_registry_deployment() -> None:
     env = {e["name"]: e.get("value") for e in server["env"]}
     assert env["TRUSTMESH_LISTEN"] == "0.0.0.0:8443"
     assert env["TRUSTMESH_BOOTSTRAP_LISTEN"] == "0.0.0.0:8444"
+    assert env["TRUSTMESH_HEALTH_LISTEN"] == "0.0.0.0:8445"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        # The bootstrap port: the mTLS one would need a client certificate.
-        assert server[probe]["tcpSocket"] == {"port": "grpc-bootstrap"}, probe
+        # gRPC health on the plaintext health-only port: the API ports are TLS.
+        assert server[probe]["grpc"] == {"port": 8445}, probe
     volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "trustmesh-registry-data"
     assert volumes["ca"]["secret"] == {

@@ -333,6 +333,7 @@ def cmd_registry_serve(args: argparse.Namespace) -> int:
         Path(args.data_dir),
         listen=args.listen,
         bootstrap_listen=args.bootstrap_listen,
+        health_listen=args.health_listen,
         svid_ttl=parse_duration(args.svid_ttl),
         federated_bundles=federated,
     )

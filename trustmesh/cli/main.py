@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap-listen", default=_env("TRUSTMESH_BOOTSTRAP_LISTEN", "127.0.0.1:8444")
     )
     serve.add_argument("--svid-ttl", default=_env("TRUSTMESH_SVID_TTL", "1h"))
+    serve.add_argument(
+        "--health-listen",
+        default=_env("TRUSTMESH_HEALTH_LISTEN", ""),
+        help="plaintext listener serving only grpc.health.v1, for probes (off by default)",
+    )
     _add_spiffe_flags(serve, default_help="ca")
 
     # resources
