@@ -193,6 +193,7 @@ class Sidecar:
                 )
             ),
             loop.create_task(self.credentials.renew_forever(self._channels)),
+            loop.create_task(self._health_ticker()),
         ]
         log.info(
             "sidecar %s: outbound %s, inbound %s, admin %s",
@@ -222,6 +223,12 @@ class Sidecar:
         if self._channels is not None:
             asyncio.get_running_loop().create_task(self._channels.rotate())
         self._refresh_health()
+
+    async def _health_ticker(self, period: float = 2.0) -> None:
+        """Re-judge health on a timer too: an SVID can expire with nothing else happening."""
+        while True:
+            await asyncio.sleep(period)
+            self._refresh_health()
 
     def _refresh_health(self) -> None:
         ready = self.state is not None and self.state.ready

@@ -493,3 +493,31 @@ async def test_registry_health_on_both_listeners(tmp_path: Path, stopper: list[M
     finally:
         for _, channels in listeners.values():
             await channels.close()
+
+
+async def test_health_turns_not_serving_when_the_svid_expires_quietly(
+    tmp_path: Path, stopper: list[Mesh]
+) -> None:
+    """Nothing else happens (no snapshot, no renewal): the timer alone must notice."""
+    mesh = Mesh(tmp_path)
+    stopper.append(mesh)
+    await mesh.start()
+    await mesh.apply(blueprint("any"), agent("alice"))
+    node = await mesh.add("alice")
+    state = node.sidecar.state
+    assert state is not None
+
+    async def status() -> int:
+        async with grpc.aio.insecure_channel(node.sidecar.admin_address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
+            return int(reply.status)
+
+    assert await status() == health_pb2.HealthCheckResponse.SERVING
+    expired_at = state.svid.not_after
+    state.clock = lambda: expired_at + timedelta(seconds=1)  # the SVID is now past its end
+    deadline = asyncio.get_running_loop().time() + 6
+    while await status() != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert asyncio.get_running_loop().time() < deadline, "health never noticed the expiry"
+        await asyncio.sleep(0.1)
