@@ -237,10 +237,18 @@ class Mesh:
         req = rpb.SetAgentStateRequest(agent=name, disabled=disabled, reason=reason)
         await self.operator.call(lambda s: s.SetAgentState(req, timeout=10))
 
-    async def add(self, name: str, *, spiffe_id: SpiffeId | None = None, wait: bool = True) -> Node:
+    async def add(
+        self,
+        name: str,
+        *,
+        spiffe_id: SpiffeId | None = None,
+        wait: bool = True,
+        app: EchoApp | None = None,
+    ) -> Node:
+        """A sidecar for `name` in front of `app` (a fresh `EchoApp` by default)."""
         assert self.registry is not None
         sid = spiffe_id or agent_id(name)
-        app = EchoApp()
+        app = app or EchoApp()
         await app.start()
         exporter = InMemorySpanExporter()
         provider = TracerProvider()
@@ -342,28 +350,4 @@ def trust_user_tokens(node: Node, issuers_file: Path) -> None:
 async def add_with_app(mesh: Mesh, name: str, app: EchoApp) -> Node:
     """`Mesh.add`, but the sidecar forwards to `app`: an `EchoApp` subclass whose
     `start()` serves the test's own services (started here)."""
-    assert mesh.registry is not None
-    sid = agent_id(name)
-    await app.start()
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    config = SidecarConfig(
-        spiffe_id=sid,
-        registry=mesh.registry.address,
-        registry_bootstrap=mesh.registry.bootstrap_address,
-        join_token=await mesh.token(sid),
-        trust_bundle=mesh.bundle_path,
-        app=app.address,
-        outbound="127.0.0.1:0",
-        inbound="127.0.0.1:0",
-        admin="127.0.0.1:0",
-        data_dir=mesh.root / "sidecars" / name,
-        limits=mesh.limits,
-    )
-    sidecar = Sidecar(config, tracer_provider=provider)
-    await sidecar.start()
-    await sidecar.wait_ready()
-    node = Node(name, sidecar, app, exporter)
-    mesh.nodes[name] = node
-    return node
+    return await mesh.add(name, app=app)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from trustmesh_sidecar.h2 import frames as f
 from trustmesh_sidecar.h2.config import H2Config
@@ -62,30 +63,15 @@ class FrameReceiver:
     _resets: Bucket
     _control: Bucket
 
-    # Provided by H2Connection.
-    def _write(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def _abandon(self, stream: Stream, code: int, reason: str, *, send: bool = False) -> None:
-        raise NotImplementedError
-
-    def credit(self, stream: Stream | None, n: int) -> None:
-        raise NotImplementedError
-
-    def stream_closed(self, stream: Stream) -> None:
-        raise NotImplementedError
-
-    def _flush_blocked(self) -> None:
-        raise NotImplementedError
-
-    def _final_goaway(self) -> None:
-        raise NotImplementedError
-
-    def _close_if_idle(self) -> None:
-        raise NotImplementedError
-
-    def _accept_stream(self, sid: int, headers: RawHeaders, size: int, end: bool) -> None:
-        raise NotImplementedError
+    # Provided by H2Connection (declared here so this mixin type-checks on its own).
+    _write: Callable[[bytes], None]
+    _abandon: Callable[..., None]  # (stream, code, reason, *, send=False)
+    credit: Callable[[Stream | None, int], None]
+    stream_closed: Callable[[Stream], None]
+    _flush_blocked: Callable[[], None]
+    _final_goaway: Callable[[], None]
+    _close_if_idle: Callable[[], None]
+    _accept_stream: Callable[[int, RawHeaders, int, bool], None]
 
     # -- frames in ----------------------------------------------------------------------
 
