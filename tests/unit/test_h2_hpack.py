@@ -141,6 +141,31 @@ def test_malformed_requests(raw: tuple[tuple[bytes, bytes], ...]) -> None:
         wire.parse_request(raw)
 
 
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [(b"/a.B/C\n", "/a.B/C\n"), ("/a.B/Uñ".encode(), "/a.B/Uñ"), (b"/a\x00\r", "/a\x00\r"),
+     (b"/a.B/\xff", "/a.B/\ufffd")],
+    ids=["newline", "utf-8", "nul-cr", "not-utf-8"],
+)
+def test_any_path_reaches_the_router_but_never_goes_upstream(raw: bytes, path: str) -> None:
+    """The router answers a bad :path as bad_method (INVALID_ARGUMENT), as on grpcio."""
+    req = wire.parse_request(((b":method", b"POST"), (b":path", raw)))
+    assert req.path == path
+    assert not wire.forwardable_path(req.path)
+
+
+def test_other_pseudo_header_values_are_still_checked() -> None:
+    with pytest.raises(wire.Malformed, match="illegal value for :authority"):
+        wire.parse_request(((b":method", b"POST"), (b":path", b"/a.B/C"), (b":authority", b"a\nb")))
+
+
+def test_forwardable_paths() -> None:
+    assert wire.forwardable_path("/a.B/C")
+    assert not wire.forwardable_path("/a B/C")
+    assert not wire.forwardable_path("")
+    assert not wire.forwardable_path("a.B/C")
+
+
 def test_status_mappings() -> None:
     assert wire.status_of_reset(0x8) is Code.CANCELLED
     assert wire.status_of_reset(0x7) is Code.UNAVAILABLE

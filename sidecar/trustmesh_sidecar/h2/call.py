@@ -167,7 +167,7 @@ class Call:
         fields: Fields = [
             (b":method", b"POST"),
             (b":scheme", self.scheme),
-            (b":path", req.path.encode("latin-1")),
+            (b":path", req.path.encode("ascii")),
             (b":authority", self.fwd.upstream.address.encode("latin-1")),
             (b"content-type", req.content_type),
             (b"te", b"trailers"),

@@ -262,6 +262,11 @@ class H2Engine:
         if isinstance(verdict, Reject):
             reject(stream, verdict.code, verdict.details)
             return
+        if not wire.forwardable_path(req.path):  # the router's check, made again here
+            details = format_details("malformed_request", f"illegal :path {req.path[:128]!r}")
+            reject(stream, Code.INTERNAL, details)
+            verdict.observer.finished(Code.INTERNAL, details)
+            return
         call = Call(
             stream,
             req,

@@ -7,6 +7,10 @@ Pure functions over decoded header lists; nothing here does I/O.
 * A request is malformed (RFC 9113 8.2, 8.3) when a field name has upper-case letters
   or is connection-specific, a pseudo-header is unknown, repeated or after a regular
   field, or a value holds NUL, CR or LF. The message says which.
+* Except `:path`: like a gRPC server, which looks any path up as a method name, the
+  engine hands it (UTF-8) to the router, which refuses a malformed one as `bad_method`
+  (INVALID_ARGUMENT, as on the grpcio engine). `forwardable_path` is the engine's own
+  last check before a path goes upstream.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ __all__ = [
     "decode_message",
     "encode_message",
     "format_timeout",
+    "forwardable_path",
     "grpc_code",
     "metadata_fields",
     "parse_request",
@@ -43,6 +48,7 @@ _CONNECTION_SPECIFIC = frozenset(
 )
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
 _NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_FORWARDABLE_PATH_RE = re.compile(r"/[\x21-\x7e]+")
 # Checked fields, both ways, keyed by the field itself; per-call values are not kept.
 _UNCACHED = frozenset({b"grpc-timeout", b"traceparent", b"tracestate", b"grpc-message"})
 _CACHE_ENTRIES = 4096
@@ -100,7 +106,7 @@ def _regular(name: bytes, value: bytes) -> Header:
     if header is not None:
         return header
     if not _NAME_RE.fullmatch(name):
-        raise Malformed(f"illegal header name {name[:64]!r}")
+        raise Malformed(f"illegal header key {name[:64].decode('latin-1')!r}")
     if name in _CONNECTION_SPECIFIC:
         raise Malformed(f"connection-specific header {name.decode()!r}")
     if not _value_ok(value):
@@ -124,7 +130,7 @@ def parse_request(raw: RawHeaders) -> Request:
                 raise Malformed("pseudo-header after a regular header")
             if name not in _REQUEST_PSEUDO or name in pseudo:
                 raise Malformed(f"unexpected pseudo-header {name[:32]!r}")
-            if not _value_ok(value):
+            if name != b":path" and not _value_ok(value):
                 raise Malformed(f"illegal value for {name.decode()}")
             pseudo[name] = value
             continue
@@ -146,7 +152,7 @@ def parse_request(raw: RawHeaders) -> Request:
     if not path:
         raise Malformed("missing :path")
     return Request(
-        path=path.decode("latin-1"),
+        path=path.decode("utf-8", "replace"),
         authority=pseudo.get(b":authority", b"").decode("latin-1"),
         metadata=tuple(metadata),
         content_type=content_type or b"application/grpc",
@@ -154,6 +160,11 @@ def parse_request(raw: RawHeaders) -> Request:
         encoding=encoding,
         accept_encoding=accept,
     )
+
+
+def forwardable_path(path: str) -> bool:
+    """A path we would put on the wire upstream: printable ASCII, no spaces."""
+    return _FORWARDABLE_PATH_RE.fullmatch(path) is not None
 
 
 def parse_response(raw: RawHeaders, *, trailers: bool) -> Response:
