@@ -45,7 +45,7 @@ from trustmesh.snapshot import Snapshot
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.x509svid import ecdsa_hash
 
-__all__ = ["ChainCache", "IssuerKey", "Verdict", "VerifiedHop"]
+__all__ = ["ChainCache", "IssuerKey", "Verdict", "VerifiedHop", "VerifiedPrefix"]
 
 # Prefix entries are found by the last bytes of their canonical encoding (the end of
 # a signature: as good as random), then compared in full.
@@ -59,6 +59,32 @@ class VerifiedHop(NamedTuple):
     body: bytes
     signature: bytes
     digest: bytes
+
+
+class VerifiedPrefix(NamedTuple):
+    """Verified hops 0..j and what the per-call checks need of them, precomputed so
+    that a call whose chain extends a stored prefix by one hop costs O(1) beyond that
+    hop (`trustmesh.delegation_verify`)."""
+
+    hops: tuple[VerifiedHop, ...]
+    fields: tuple[HopFields, ...]
+    # Of the last hop of the prefix: what the next hop must link to.
+    digest: bytes
+    # Over every hop of the prefix: what the validity check at `now` compares with.
+    latest_issued_ms: int
+    earliest_expiry_ms: int
+    issuers: tuple[SpiffeId, ...]
+
+    @classmethod
+    def of(cls, hops: tuple[VerifiedHop, ...]) -> VerifiedPrefix:
+        return cls(
+            hops,
+            tuple(h.fields for h in hops),
+            hops[-1].digest,
+            max(h.fields.issued_at_ms for h in hops),
+            min(h.fields.expires_at_ms for h in hops),
+            tuple(h.fields.issuer for h in hops),
+        )
 
 
 class IssuerKey(NamedTuple):
@@ -136,7 +162,7 @@ class ChainCache:
 
     # -- prefixes -------------------------------------------------------------------
 
-    def prefix(self, region: bytes) -> tuple[VerifiedHop, ...] | None:
+    def prefix(self, region: bytes) -> VerifiedPrefix | None:
         """The verified hops whose canonical encoding is exactly `region`, if stored."""
         key = region[-_KEY_BYTES:]
         with self._lock:
@@ -144,8 +170,8 @@ class ChainCache:
             if isinstance(entry, tuple) and entry[0] == region:
                 self._prefixes.entries.move_to_end(key)
                 self._prefixes.hits += 1
-                hops: tuple[VerifiedHop, ...] = entry[1]
-                return hops
+                found: VerifiedPrefix = entry[1]
+                return found
             self._prefixes.misses += 1
             return None
 
@@ -155,12 +181,12 @@ class ChainCache:
         for j in range(start, len(hops)):
             prefix = tuple(hops[: j + 1])
             region = encode_chain((h.body, h.signature) for h in prefix)
-            entries.append((region, prefix))
+            entries.append((region, VerifiedPrefix.of(prefix)))
         with self._lock:
             if version != self._bundles_version:
                 return  # verified against bundles that have been replaced meanwhile
-            for region, prefix in entries:
-                self._prefixes.put(region[-_KEY_BYTES:], (region, prefix))
+            for region, verified in entries:
+                self._prefixes.put(region[-_KEY_BYTES:], (region, verified))
 
     # -- keys -----------------------------------------------------------------------
 
@@ -205,14 +231,24 @@ class ChainCache:
         """The memoized snapshot-dependent decision for `key`, recomputed when the
         snapshot or its generation changed or `now` reached its `valid_until_ms`."""
         generation = snapshot.generation
+        owner = self._policy_owner
+        if owner is not None and owner[0]() is snapshot and owner[1] == generation:
+            # A hit takes no lock: each OrderedDict call is atomic, and an entry that
+            # another thread evicts meanwhile is still a correct answer.
+            found = self._policies.entries.get(key)
+            if isinstance(found, Verdict) and now_ms < found.valid_until_ms:
+                try:  # noqa: SIM105 (contextlib.suppress costs more on this path)
+                    self._policies.entries.move_to_end(key)
+                except KeyError:
+                    pass
+                self._policies.hits += 1  # statistics only: a lost update is harmless
+                return found.decision
         with self._lock:
             owner = self._policy_owner
             if owner is None or owner[0]() is not snapshot or owner[1] != generation:
                 self._policies.entries.clear()
                 self._policy_owner = (weakref.ref(snapshot), generation)
-            found = self._policies.get(key)
-        if isinstance(found, Verdict) and now_ms < found.valid_until_ms:
-            return found.decision
+            self._policies.misses += 1
         fresh = compute()
         with self._lock:
             owner = self._policy_owner

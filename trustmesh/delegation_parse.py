@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
@@ -46,7 +47,15 @@ from trustmesh.resources import is_grpc_method
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.v1 import delegation_pb2 as dpb
 
-__all__ = ["SplitChain", "check_scopes", "parse_hop", "parse_spiffe_id", "split_chain"]
+__all__ = [
+    "CanonicalChain",
+    "SplitChain",
+    "check_scopes",
+    "parse_hop",
+    "parse_spiffe_id",
+    "split_canonical",
+    "split_chain",
+]
 
 # RFC 6749 scope-token: printable ASCII except space, '"' and '\'.
 _SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
@@ -125,6 +134,88 @@ def split_chain(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SplitChain:
             Reason.CHAIN_TOO_DEEP,
         )
     return SplitChain(data, msg)
+
+
+class CanonicalChain(NamedTuple):
+    """A canonically framed chain, cut without protobuf: `data[:cut]` frames hops
+    0..depth-2 and `body`/`signature` are the last hop's (see `split_canonical`)."""
+
+    depth: int
+    cut: int
+    body: bytes
+    signature: bytes
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """A length varint at `pos` (at most 4 bytes: every length here is < 2**28)."""
+    value = 0
+    for shift in (0, 7, 14, 21):
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+    raise IndexError("varint too long")
+
+
+def split_canonical(data: bytes, limits: Limits = DEFAULT_LIMITS) -> CanonicalChain | None:
+    """The fast path's reading of a chain: the cut between every hop but the last and
+    the last, and the last hop's body and signature. `None` unless the chain is
+    framed canonically (`encode_chain`), within the size and depth limits; anything
+    else, valid or not, is left to `split_chain`.
+
+    The hops before the cut are framed but not read: the caller goes on only when
+    `data[:cut]` equals the canonical encoding of hops it verified before. Then
+    `split_chain(data)` reads those hops and this last one, because protobuf parses
+    a concatenation as the merge of its parts (each frame appends one `SignedHop`),
+    and the canonical last frame holds `body` then `signature`, each only when
+    non-empty, with minimal varints (its length is checked against `hop_frame_len`).
+    tests/unit/test_delegation_fastpath.py checks that agreement on hostile bytes."""
+    size = len(data)
+    if type(data) is not bytes or size > limits.max_delegation_bytes:
+        return None
+    if not data.startswith(CHAIN_HEADER_BYTES):
+        return None
+    pos, count, start, inner = len(CHAIN_HEADER_BYTES), 0, 0, 0
+    try:
+        while pos < size:
+            if data[pos] != 0x12:  # field 2 (hops), length-delimited
+                return None
+            start = pos
+            b = data[pos + 1]
+            if b < 0x80:  # a hop under 128 bytes: never, but cheap to read
+                length, inner = b, pos + 2
+            elif data[pos + 2] < 0x80:  # the usual case: a hop under 16 KiB
+                length, inner = (b & 0x7F) | data[pos + 2] << 7, pos + 3
+            else:
+                length, inner = _varint(data, pos + 1)
+            pos = inner + length
+            count += 1
+        if pos != size or count == 0 or count > limits.max_delegation_depth:
+            return None
+        if data[inner] != 0x0A:  # field 1 (body)
+            return None
+        body_len, at = _varint(data, inner + 1)
+        end = at + body_len
+        if end > size:
+            return None
+        body, signature = data[at:end], b""
+        if end < size:
+            if data[end] != 0x12:  # field 2 (signature)
+                return None
+            sig_len, at = _varint(data, end + 1)
+            if at + sig_len != size:
+                return None
+            signature = data[at:]
+    except IndexError:
+        return None
+    if (
+        not body
+        or len(signature) > MAX_SIGNATURE_BYTES
+        or hop_frame_len(len(body), len(signature)) != size - start
+    ):
+        return None
+    return CanonicalChain(count, start, body, signature)
 
 
 def check_scopes(scopes: Iterable[str], limits: Limits = DEFAULT_LIMITS) -> frozenset[str]:
@@ -245,8 +336,9 @@ def _cert(msg: dpb.Hop, index: int, signed: bool) -> tuple[tuple[bytes, ...] | N
         ders = tuple(msg.cert_chain.der)
         if not 1 <= len(ders) <= MAX_CHAIN_LENGTH:
             raise ChainFormatError(f"hop {index} carries {len(ders)} certificates (1 to 8)")
-        if any(not d or len(d) > MAX_CERT_BYTES for d in ders):
-            raise ChainFormatError(f"hop {index} carries an empty or oversized certificate")
+        for d in ders:
+            if not d or len(d) > MAX_CERT_BYTES:
+                raise ChainFormatError(f"hop {index} carries an empty or oversized certificate")
         return ders, None
     if which == "cert_ref":
         if msg.cert_ref >= index:

@@ -7,7 +7,7 @@ dataclass would cost a few microseconds more.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 from trustmesh.decision import Decision, Reason
@@ -30,8 +30,8 @@ class VerifiedChain(NamedTuple):
     method: str
     # The scopes of the last hop: what the chain grants this call.
     scopes: frozenset[str]
-    # The earliest expiry among the hops: the chain is worth nothing after it.
-    expires_at: datetime
+    # The earliest expiry among the hops (Unix ms): the chain is worth nothing after it.
+    expires_at_ms: int
     trace_id: bytes
     # The chain as received, for the app to copy into its outgoing calls.
     data: bytes
@@ -43,6 +43,10 @@ class VerifiedChain(NamedTuple):
             f"callee={self.callee}, method={self.method}, scopes={sorted(self.scopes)}, "
             f"expires_at={self.expires_at.isoformat()}, last_signed={self.last_signed})"
         )
+
+    @property
+    def expires_at(self) -> datetime:
+        return datetime.fromtimestamp(self.expires_at_ms / 1000, UTC)
 
     @property
     def depth(self) -> int:

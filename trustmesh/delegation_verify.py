@@ -20,6 +20,8 @@ Order of the checks (first failure wins; docs/delegation.md explains each):
 Everything after step 4 judges authenticated content only. Steps 1, 3 and 4 are
 cached per verified prefix (`trustmesh.delegation_cache`); 2, 5, 6 and 7 run on
 every call, so a cache hit never outlives an expiry, a disable or a policy change.
+The usual call, a stored prefix plus one new hop, takes `_verify_fast`: the same
+checks on the new hop only, O(1) whatever the depth.
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ from trustmesh.delegation_format import (
     signing_input,
     to_ms,
 )
-from trustmesh.delegation_parse import SplitChain, parse_hop, split_chain
+from trustmesh.delegation_parse import (
+    SplitChain,
+    parse_hop,
+    split_canonical,
+    split_chain,
+)
 from trustmesh.delegation_policy import chain_policy_decision
 from trustmesh.delegation_result import ChainDecision, VerifiedChain
 from trustmesh.errors import MeshError
@@ -89,6 +96,10 @@ def verify_chain(
     if not snapshot.ready:
         return ChainDecision(Decision.deny(Reason.NO_SNAPSHOT, "no registry snapshot yet"))
     try:
+        cache.sync_bundles(verifier.bundles.version)
+        found = _verify_fast(data, peer, local, method, snapshot, verifier, cache, now_ms, limits)
+        if found is not None:
+            return found
         return _verify(data, peer, local, method, snapshot, verifier, cache, now_ms, limits)
     except _Deny as d:
         return ChainDecision(Decision.deny(d.reason, d.message))
@@ -115,14 +126,64 @@ def _parse(split: SplitChain, i: int, limits: Limits) -> HopFields:
         raise _Deny(Reason.CHAIN_MALFORMED, str(e)) from e
 
 
-def _cached_prefix(split: SplitChain, cache: ChainCache) -> tuple[VerifiedHop, ...]:
-    """The longest verified prefix before the last hop: all of it (the usual case),
-    else the longest shorter one."""
-    for j in range(split.count - 2, -1, -1):
+def _cached_prefix(split: SplitChain, cache: ChainCache, below: int) -> tuple[VerifiedHop, ...]:
+    """The longest stored verified prefix of hops 0..j for j < `below`."""
+    for j in range(below - 1, -1, -1):
         found = cache.prefix(split.region(j))
         if found is not None:
-            return found
+            return found.hops
     return ()
+
+
+def _verify_fast(
+    data: bytes,
+    peer: SpiffeId,
+    local: SpiffeId,
+    method: str,
+    snapshot: Snapshot,
+    verifier: PeerVerifier,
+    cache: ChainCache,
+    now_ms: int,
+    limits: Limits,
+) -> ChainDecision | None:
+    """The usual case, a stored verified prefix plus one new hop, in O(1): the same
+    checks in the same order as `_verify`, on the new hop against the prefix's
+    precomputed summary (`VerifiedPrefix`). `None` means "ask `_verify`": on anything
+    unusual (a non-canonical encoding, no stored prefix) and on any failure before
+    the signature, so that every denial is worded in one place."""
+    fast = split_canonical(data, limits)
+    if fast is None or fast.depth < 2:
+        return None
+    state = cache.prefix(data[: fast.cut])
+    if state is None:
+        return None
+    signature = fast.signature
+    try:  # 1.
+        last = parse_hop(fast.body, fast.depth - 1, signed=bool(signature), limits=limits)
+    except ChainFormatError:
+        return None
+    prev = state.fields[-1]
+    if (
+        last.issuer != peer  # 2.
+        or last.audience != local
+        or last.method != method
+        or last.prev_digest != state.digest  # 3.
+        or last.issuer != prev.audience
+        or not 0 < last.expires_at_ms - last.issued_at_ms <= limits.max_delegation_ttl_s * 1000
+        or not last.scopes <= prev.scopes
+    ):
+        return None
+    if signature:  # 4.: raises on a bad one
+        ref = last.cert_ref
+        chain_der = last.cert_chain if ref is None else state.fields[ref].cert_chain
+        _check_signed(fast.depth - 1, last, fast.body, signature, chain_der, verifier, cache)
+    earliest = min(state.earliest_expiry_ms, last.expires_at_ms)
+    latest = max(state.latest_issued_ms, last.issued_at_ms)
+    if latest > now_ms + limits.delegation_clock_skew_s * 1000 or now_ms >= earliest:  # 5.
+        return None
+    hops = [*state.fields, last]
+    return _decide(hops, state.digest, data, bool(signature), local, snapshot, cache, now_ms,
+                   (*state.issuers, last.issuer), earliest)  # fmt: skip
 
 
 def _verify(
@@ -136,17 +197,37 @@ def _verify(
     now_ms: int,
     limits: Limits,
 ) -> ChainDecision:
+    version = verifier.bundles.version  # what the signatures below are checked against
     split = _split(data, limits)
     n = split.count
-    version = verifier.bundles.version
-    cache.sync_bundles(version)
     last = _parse(split, n - 1, limits)  # 1. structure, the last hop first
-    prefix = _cached_prefix(split, cache)
+    prefix = _cached_prefix(split, cache, n - 1)
     k = len(prefix)
     hops = [h.fields for h in prefix]
     hops += [_parse(split, i, limits) for i in range(k, n - 1)]
     hops.append(last)
-    if last.issuer != peer:  # 2. binding to this call
+    _check_binding(last, peer, local, method)  # 2.
+    prev_digest = prefix[-1].digest if prefix else b""
+    for i in range(k, n):  # 3. links, lifetimes, scopes
+        _check_link(hops[i], i, hops[i - 1] if i else None, prev_digest, limits)
+        if i < n - 1:
+            prev_digest = split.hop(i).digest
+    verified = list(prefix)
+    for i in range(k, n):  # 4. signatures
+        _check_signature(split, hops, i, verifier, cache)
+        if i < n - 1:
+            raw = split.hop(i)
+            verified.append(VerifiedHop(hops[i], raw.body, raw.signature, raw.digest))
+    if k < n - 1:
+        cache.remember(verified, k, version)
+    _check_validity(hops, now_ms, limits)  # 5.
+    anchor: object = verified[-1].digest if n > 1 else last.origin
+    last_signed = bool(split.hop(n - 1).signature)
+    return _decide(hops, anchor, split.data, last_signed, local, snapshot, cache, now_ms)
+
+
+def _check_binding(last: HopFields, peer: SpiffeId, local: SpiffeId, method: str) -> None:
+    if last.issuer != peer:
         raise _Deny(
             Reason.CHAIN_ISSUER_NOT_PEER,
             f"the last hop was issued by '{last.issuer}', but the call comes from '{peer}'",
@@ -161,27 +242,12 @@ def _verify(
             Reason.CHAIN_WRONG_AUDIENCE,
             f"the last hop authorizes {last.method}, not this call's {method[:256]}",
         )
-    prev_digest = prefix[-1].digest if prefix else b""
-    for i in range(k, n):  # 3. links, lifetimes, scopes
-        _check_link(hops, i, prev_digest, limits)
-        if i < n - 1:
-            prev_digest = split.hop(i).digest
-    verified = list(prefix)
-    for i in range(k, n):  # 4. signatures
-        _check_signature(split, hops, i, verifier, cache)
-        if i < n - 1:
-            raw = split.hop(i)
-            verified.append(VerifiedHop(hops[i], raw.body, raw.signature, raw.digest))
-    if k < n - 1:
-        cache.remember(verified, k, version)
-    anchor: object = verified[-1].digest if n > 1 else last.origin
-    return _decide(hops, anchor, split, local, snapshot, cache, now_ms, limits)
 
 
-def _check_link(hops: list[HopFields], i: int, prev_digest: bytes, limits: Limits) -> None:
-    h = hops[i]
-    if i > 0:
-        prev = hops[i - 1]
+def _check_link(
+    h: HopFields, i: int, prev: HopFields | None, prev_digest: bytes, limits: Limits
+) -> None:
+    if prev is not None:
         if h.prev_digest != prev_digest:
             raise _Deny(
                 Reason.CHAIN_BROKEN_LINK,
@@ -201,8 +267,8 @@ def _check_link(hops: list[HopFields], i: int, prev_digest: bytes, limits: Limit
             f"hop {i} claims a lifetime of {lifetime / 1000:g} s; the limit is "
             f"{limits.max_delegation_ttl_s:g} s",
         )
-    if i > 0 and not h.scopes <= hops[i - 1].scopes:
-        extra = ", ".join(sorted(h.scopes - hops[i - 1].scopes))
+    if prev is not None and not h.scopes <= prev.scopes:
+        extra = ", ".join(sorted(h.scopes - prev.scopes))
         raise _Deny(
             Reason.CHAIN_SCOPE_ESCALATION,
             f"hop {i} by '{h.issuer}' grants scopes its caller did not have: {extra}",
@@ -227,17 +293,25 @@ def _check_signature(
                 f"hop {i} by '{h.issuer}' is unsigned, so it can only be the last hop",
             )
         return
-    if h.cert_chain is not None:
-        chain_der = h.cert_chain
-    else:
-        assert h.cert_ref is not None  # parse_hop: a signed hop names its certificate
-        ref = hops[h.cert_ref].cert_chain
-        if ref is None:
-            raise _Deny(
-                Reason.CHAIN_MALFORMED,
-                f"hop {i} refers to hop {h.cert_ref}, which carries no certificate chain",
-            )
-        chain_der = ref
+    chain_der = h.cert_chain if h.cert_ref is None else hops[h.cert_ref].cert_chain
+    _check_signed(i, h, raw.body, raw.signature, chain_der, verifier, cache)
+
+
+def _check_signed(
+    i: int,
+    h: HopFields,
+    body: bytes,
+    signature: bytes,
+    chain_der: tuple[bytes, ...] | None,
+    verifier: PeerVerifier,
+    cache: ChainCache,
+) -> None:
+    """The signature of hop i under the certificate chain it carries or refers to."""
+    if chain_der is None:
+        raise _Deny(
+            Reason.CHAIN_MALFORMED,
+            f"hop {i} refers to hop {h.cert_ref}, which carries no certificate chain",
+        )
     try:
         proven = cache.issuer_key(chain_der, h.issued_at_ms, verifier)
     except (ValueError, MeshError) as e:
@@ -254,12 +328,27 @@ def _check_signature(
             f"'{proven.spiffe_id}'",
         )
     try:
-        proven.key.verify(raw.signature, signing_input(raw.body), proven.algorithm)
+        proven.key.verify(signature, signing_input(body), proven.algorithm)
     except InvalidSignature as e:
         raise _Deny(
             Reason.CHAIN_BAD_SIGNATURE,
             f"hop {i}: the signature does not verify under the key of '{h.issuer}'",
         ) from e
+
+
+def _check_validity(hops: list[HopFields], now_ms: int, limits: Limits) -> None:
+    """Step 5: every hop valid at `now` (issued_at with the allowed clock skew)."""
+    skew_ms = int(limits.delegation_clock_skew_s * 1000)
+    for i, h in enumerate(hops):
+        if h.issued_at_ms > now_ms + skew_ms:
+            raise _Deny(
+                Reason.CHAIN_EXPIRED, f"hop {i} is issued in the future ({_when(h.issued_at_ms)})"
+            )
+        if now_ms >= h.expires_at_ms:
+            raise _Deny(
+                Reason.CHAIN_EXPIRED,
+                f"hop {i} by '{h.issuer}' expired at {_when(h.expires_at_ms)}",
+            )
 
 
 def _agent(snapshot: Snapshot, spiffe_id: SpiffeId, now_ms: int) -> tuple[AgentView, int]:
@@ -313,28 +402,18 @@ def _judge(hops: list[HopFields], local: SpiffeId, snapshot: Snapshot, now_ms: i
 def _decide(
     hops: list[HopFields],
     anchor: object,
-    split: SplitChain,
+    data: bytes,
+    last_signed: bool,
     local: SpiffeId,
     snapshot: Snapshot,
     cache: ChainCache,
     now_ms: int,
-    limits: Limits,
+    issuers: tuple[SpiffeId, ...] | None = None,
+    earliest_ms: int | None = None,
 ) -> ChainDecision:
-    skew_ms = int(limits.delegation_clock_skew_s * 1000)
-    earliest = _NEVER
-    for i, h in enumerate(hops):  # 5. validity at now
-        if h.issued_at_ms > now_ms + skew_ms:
-            raise _Deny(
-                Reason.CHAIN_EXPIRED, f"hop {i} is issued in the future ({_when(h.issued_at_ms)})"
-            )
-        if now_ms >= h.expires_at_ms:
-            raise _Deny(
-                Reason.CHAIN_EXPIRED,
-                f"hop {i} by '{h.issuer}' expired at {_when(h.expires_at_ms)}",
-            )
-        earliest = min(earliest, h.expires_at_ms)
-    # 6 and 7, memoized per snapshot generation. The anchor (the digest of hop n-2, or
-    # the origin of a one-hop chain) fixes the origin and every issuer but the last.
+    """Steps 6 and 7, memoized per snapshot generation. The anchor (the digest of hop
+    n-2, or the origin of a one-hop chain) fixes the origin and every issuer but the
+    last. `issuers` and `earliest_ms`, when the caller has them, save recomputing."""
     last = hops[-1]
     key = (anchor, last.issuer, local, last.scopes)
     decision = cache.verdict(snapshot, key, now_ms, lambda: _judge(hops, local, snapshot, now_ms))
@@ -343,14 +422,14 @@ def _decide(
     origin = hops[0].origin
     assert origin is not None  # parse_hop: hop 0 always names its origin
     chain = VerifiedChain(
-        origin=origin,
-        agents=tuple(h.issuer for h in hops),
-        callee=local,
-        method=last.method,
-        scopes=last.scopes,
-        expires_at=datetime.fromtimestamp(earliest / 1000, UTC),
-        trace_id=last.trace_id,
-        data=split.data,
-        last_signed=bool(split.hop(split.count - 1).signature),
+        origin,
+        tuple([h.issuer for h in hops]) if issuers is None else issuers,
+        local,
+        last.method,
+        last.scopes,
+        min([h.expires_at_ms for h in hops]) if earliest_ms is None else earliest_ms,
+        last.trace_id,
+        data,
+        last_signed,
     )
     return ChainDecision(decision, chain)

@@ -8,7 +8,7 @@ that quote the input.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spiffe import SpiffeId as _PySpiffeId
 from spiffe.errors import PySpiffeError
@@ -49,6 +49,11 @@ class SpiffeId:
 
     trust_domain: TrustDomain
     path: str
+    # IDs are dict keys on every call (policy indexes, caches): hash once.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.trust_domain.name, self.path)))
 
     @classmethod
     def parse(cls, text: str) -> SpiffeId:
@@ -77,9 +82,15 @@ class SpiffeId:
         return f"spiffe://{self.trust_domain.name}{self.path}"
 
     def __eq__(self, other: object) -> bool:
+        if self is other:  # parsed IDs are memoized, so this is the usual case
+            return True
         if isinstance(other, SpiffeId):
             return self.trust_domain == other.trust_domain and self.path == other.path
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash((self.trust_domain.name, self.path))
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[SpiffeId], tuple[TrustDomain, str]]:
+        # String hashes differ between processes: a copy hashes itself afresh.
+        return (SpiffeId, (self.trust_domain, self.path))
