@@ -162,7 +162,12 @@ async def probe(n: int, root: Path) -> None:
         )
         svid = await creds.obtain()
         bundles = creds.current()[1]
-        channels = MeshChannels(lambda: (svid, bundles), directory=root / "br")
+        # As a sidecar does (runtime.py): a full snapshot outgrows ordinary messages.
+        channels = MeshChannels(
+            lambda: (svid, bundles),
+            directory=root / "br",
+            receive_bytes=DEFAULT_LIMITS.max_snapshot_bytes,
+        )
         stub = rgrpc.RegistryStub(await channels.get(server.address, server.registry_id))
         full_call = stub.Watch(rpb.WatchRequest(instance_id="probe-full"))
         wire, wire_s = await _first(full_call, 120)
