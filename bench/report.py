@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import connect, control_plane, decisions, footprint, latency, throughput
+from bench import connect, control_plane, decisions, footprint, grpc_floor, latency, throughput
 
 __all__ = ["GOALS", "chart", "goal_rows", "markdown"]
 
@@ -263,6 +263,10 @@ _DETAILS: dict[str, tuple[str, Callable[[R], str]]] = {
     "latency": ("1. Sequential 1 KiB unary calls", latency.markdown),
     "throughput": ("2-3. Throughput, streaming, sidecar memory", throughput.markdown),
     "connect": ("4. New connection cost", connect.markdown),
+    "engines": (
+        "1-2 again: grpcio's floor and the two engines (bench/grpc_floor.py)",
+        grpc_floor.markdown,
+    ),
     "decisions": ("5. Authorization decision cost", decisions.markdown),
     "revocation": ("6. Revocation propagation", control_plane.markdown),
     "footprint": ("7. Registry footprint and one-agent push", footprint.markdown),

@@ -25,13 +25,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import connect, control_plane, decisions, footprint, latency, report, throughput
+from bench import (
+    connect,
+    control_plane,
+    decisions,
+    footprint,
+    grpc_floor,
+    latency,
+    report,
+    throughput,
+)
 from bench.common import RETRIED, machine
 from bench.topology import BenchMesh
 
 __all__ = ["FULL", "QUICK", "Params", "main"]
 
-MEASURES = ("latency", "throughput", "connect", "decisions", "revocation", "footprint")
+MEASURES = ("latency", "throughput", "connect", "engines", "decisions", "revocation", "footprint")
 DATA_PLANE = ("latency", "throughput", "connect")
 
 
@@ -142,6 +151,14 @@ async def run(
                     await _guarded(m, n, jobs[n], p.cap_s, verbose)
             finally:
                 await bm.stop()
+    if "engines" in only:
+        await _guarded(
+            m,
+            "engines",
+            lambda: grpc_floor.run(p.rounds, p.latency_calls, p.throughput_calls, 32),
+            p.cap_s,
+            verbose,
+        )
     if "decisions" in only:
 
         async def decide() -> dict[str, Any]:
