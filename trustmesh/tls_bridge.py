@@ -261,6 +261,7 @@ class TlsBridge:
         task = asyncio.current_task()
         if task is not None:
             self._conns.add(task)
+        remote_w: asyncio.StreamWriter | None = None
         try:
             svid, bundles = self._credentials()
             try:
@@ -283,7 +284,12 @@ class TlsBridge:
                 del route.peer_serials[:-32]
             await asyncio.gather(_pipe(local_r, remote_w), _pipe(remote_r, local_w))
         except asyncio.CancelledError:
-            pass  # closing: asyncio would log a cancelled connection task as an error
+            # Closing: asyncio would log a cancelled connection task as an error. Drop
+            # the TCP connection at once: a graceful TLS close would wait (up to 30 s)
+            # for the peer's close_notify, and until then the peer keeps our streams
+            # open (e.g. the registry would keep listing a stopped sidecar's endpoint).
+            if remote_w is not None:
+                remote_w.transport.abort()
         finally:
             with contextlib.suppress(Exception):
                 local_w.close()
