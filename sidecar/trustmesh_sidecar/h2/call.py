@@ -12,11 +12,18 @@ Invariants:
   limit or `abort()` (revocation).
 * Once the call has ended, both streams are closed or closing and unlinked from it;
   bytes that still arrive are credited and dropped by the connection.
+* A stream the upstream never processed (RST_STREAM REFUSED_STREAM, or above a
+  GOAWAY's last stream id; RFC 9113 8.7) is opened again on another connection, with
+  the request bytes kept for it, if they fit `H2Config.retry_buffer_bytes` and no
+  response has begun; at most `H2Config.max_attempts` streams per call.
+* A dialled connection that is full (the peer's MAX_CONCURRENT_STREAMS) is waited on
+  for a free stream slot, never exceeded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -89,9 +96,12 @@ def reject(stream: Stream, code: Code, details: str) -> None:
 
 class Call:
     __slots__ = (
+        "_attempts",
         "_connect",
         "_loop",
         "_pending",
+        "_replay",
+        "_replay_bytes",
         "_task",
         "_timer",
         "deadline",
@@ -100,10 +110,12 @@ class Call:
         "fwd",
         "headers_in",
         "headers_out",
+        "max_attempts",
         "max_header_bytes",
         "request",
         "request_meter",
         "response_meter",
+        "retry_buffer_bytes",
         "scheme",
         "up",
     )
@@ -118,6 +130,8 @@ class Call:
         scheme: bytes,
         max_message_bytes: int,
         max_header_bytes: int,
+        retry_buffer_bytes: int = 16 * 1024,
+        max_attempts: int = 3,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.down = down
@@ -126,7 +140,14 @@ class Call:
         self._connect = connect
         self.scheme = scheme
         self.up: Stream | None = None
-        self._pending: list[tuple[bytes, bool]] = [(b"", True)] if down.remote_done else []
+        # Request bytes not yet on an upstream stream: (data, end, already credited).
+        self._pending: list[tuple[bytes, bool, bool]] = []
+        # Every request byte so far, for a retry; None once a retry is ruled out.
+        self._replay: list[tuple[bytes, bool]] | None = []
+        self._replay_bytes = 0
+        self._attempts = 0
+        self.retry_buffer_bytes = retry_buffer_bytes
+        self.max_attempts = max_attempts
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.request_meter = MessageMeter(max_message_bytes)
@@ -140,11 +161,15 @@ class Call:
             self.deadline = self._loop.time() + request.timeout
             self._timer = self._loop.call_at(self.deadline, self._expired)
         down.handler = self
+        if down.remote_done:
+            self._send_up(b"", True)
 
     def start(self) -> None:
+        """Find or dial a connection to the upstream, and open the call's stream on it."""
+        self._attempts += 1
         got = self._connect(self.fwd)
         if isinstance(got, H2Connection):
-            self._open(got)
+            self._use(got)
         else:
             self._task = self._loop.create_task(self._dial(got))
 
@@ -156,8 +181,50 @@ class Call:
         except Exception as e:
             self._unreachable(str(e))
             return
-        if not self.done:
+        self._use(conn)
+
+    def _use(self, conn: H2Connection) -> None:
+        if self.done:
+            return
+        if conn.can_open:
             self._open(conn)
+        elif not (conn.closed or conn.draining):
+            conn.when_open(functools.partial(self._use, conn))  # full: wait for a slot
+        elif self._attempts < self.max_attempts:
+            self.start()  # it went away before our stream opened: another connection
+        else:
+            self._unreachable("the connection closed before the call could start")
+
+    def _send_up(self, data: bytes, end: bool) -> None:
+        """Request bytes from the caller, to the upstream stream (or held for it)."""
+        replay = self._replay
+        if replay is not None:
+            self._replay_bytes += len(data)
+            if self._replay_bytes > self.retry_buffer_bytes:
+                self._replay = None  # too much to keep: this call won't be retried
+            else:
+                replay.append((data, end))
+        if self.up is not None:
+            self.up.send_data(data, end)
+        else:
+            self._pending.append((data, end, False))
+
+    def _retry(self) -> bool:
+        """The upstream refused our stream unprocessed: open it again, replaying the
+        request. False when that is not possible (the caller then gets the refusal)."""
+        if self.headers_in or self._replay is None or self._attempts >= self.max_attempts:
+            return False
+        up, self.up = self.up, None
+        if up is not None:
+            up.handler = up.source = None
+        self.down.source = None
+        # Every byte given to the refused stream was credited when it was written or
+        # dropped (and _pending is empty while a stream is open: _open took it all), so
+        # the replay is sent without crediting the caller twice.
+        self._pending = [(data, end, True) for data, end in self._replay]
+        log.debug("retrying a refused stream to %s", self.fwd.upstream.address)
+        self.start()
+        return True
 
     def _open(self, conn: H2Connection) -> None:
         up = conn.open_stream(self)
@@ -182,8 +249,8 @@ class Call:
         fields += wire.metadata_fields(self.fwd.headers)
         up.send_headers(fields, False)
         pending, self._pending = self._pending, []
-        for data, end in pending:
-            up.send_data(data, end)
+        for data, end, credited in pending:
+            up.send_data(data, end, credited=credited)
 
     # -- StreamHandler --------------------------------------------------------------------
 
@@ -193,10 +260,8 @@ class Call:
             if over is not None:
                 stream.conn.credit(stream, len(data))
                 self.fail(Code.RESOURCE_EXHAUSTED, _too_large("request", over, self))
-            elif self.up is not None:
-                self.up.send_data(data, end)
             else:
-                self._pending.append((data, end))
+                self._send_up(data, end)
             return
         over = self.response_meter.feed(data)
         if not self.headers_out or over is not None:
@@ -212,10 +277,7 @@ class Call:
 
     def on_headers(self, stream: Stream, headers: RawHeaders, size: int, end: bool) -> None:
         if stream is self.down:  # request trailers: gRPC has none; take them as the end
-            if self.up is not None:
-                self.up.send_data(b"", True)
-            else:
-                self._pending.append((b"", True))
+            self._send_up(b"", True)
             return
         if size > self.max_header_bytes:
             self.fail(Code.RESOURCE_EXHAUSTED, format_details(
@@ -229,6 +291,7 @@ class Call:
             return
         if not self.headers_in:
             self.headers_in = True
+            self._replay = None  # the upstream has answered: no retry from here on
             if resp.status != 200:
                 self.fail(wire.status_of_http(resp.status or 0),
                           _details(f"upstream answered HTTP {resp.status}"))
@@ -259,6 +322,8 @@ class Call:
             self.fail(Code.CANCELLED, "cancelled by the caller")
         elif code == CONNECTION_LOST:
             self._unreachable(reason)
+        elif code == ErrorCode.REFUSED_STREAM and self._retry():
+            return
         else:
             self.fail(wire.status_of_reset(code), _details(f"upstream stream {reason}"))
 
@@ -327,8 +392,9 @@ class Call:
 
     def _end(self, code: Code, details: str) -> None:
         self.done = True
-        held = sum(len(data) for data, _ in self._pending)
+        held = sum(len(data) for data, _, credited in self._pending if not credited)
         self._pending = []
+        self._replay = None
         if held:
             self.down.conn.credit(self.down, held)
         if self._timer is not None:

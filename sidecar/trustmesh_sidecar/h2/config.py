@@ -31,9 +31,16 @@ class H2Config:
     # PING, SETTINGS, PRIORITY, empty DATA and unknown frames, as a token bucket.
     control_burst: int = 1000
     control_rate: float = 500.0
-    # Seconds to finish the TLS handshake, and then to send the preface and SETTINGS.
+    # Seconds to finish the TLS handshake, and then to send the preface and SETTINGS;
+    # and for the peer to acknowledge our SETTINGS (else GOAWAY SETTINGS_TIMEOUT).
     handshake_timeout_s: float = 10.0
     preface_timeout_s: float = 10.0
+    settings_ack_timeout_s: float = 10.0
+    # Request bytes a call keeps to replay them on a new stream if the upstream
+    # refuses the first (REFUSED_STREAM, or above a GOAWAY's last stream id), and how
+    # many streams a call may try. Past the buffer the call is not retried.
+    retry_buffer_bytes: int = 16 * 1024
+    max_attempts: int = 3
     # Server side: after this age, GOAWAY; streams then get the grace to finish.
     max_connection_age_s: float = 300.0
     max_connection_age_grace_s: float = 600.0

@@ -9,8 +9,13 @@ protocol code on the attack surface:
 * SETTINGS_MAX_CONCURRENT_STREAMS enforced with REFUSED_STREAM;
 * rapid reset and control-frame floods, as token buckets: GOAWAY ENHANCE_YOUR_CALM;
 * strict flow control both ways, and a cap on bytes held for a peer that won't read;
-* a preface timeout, and a maximum age after which a server drains with a double
+* a preface timeout, a SETTINGS-acknowledgement timeout (GOAWAY SETTINGS_TIMEOUT,
+  RFC 9113 6.5.3), and a maximum age after which a server drains with a double
   GOAWAY (RFC 9113 6.8) so clients re-handshake with rotated credentials.
+
+Client role: `settled` resolves with the peer's first SETTINGS, so no stream opens
+before the peer's SETTINGS_MAX_CONCURRENT_STREAMS is known; a caller that finds the
+connection full waits for a slot with `when_open`.
 
 A peer's protocol error closes only its connection. Any other exception raised while
 handling its bytes is logged and closes that connection too; it never reaches the
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +72,9 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
         self.peer_chain: tuple[bytes, ...] = ()
         self.error: BaseException | None = None  # why a client connection failed
         self.ready: asyncio.Future[None] = self._loop.create_future()
+        self.settled: asyncio.Future[None] = self._loop.create_future()  # peer's SETTINGS
+        self._settings_unacked = 0
+        self._slot_waiters: deque[Callable[[], None]] = deque()
         self._early: list[bytes] = []
         self._decoder = f.FrameDecoder(
             expect_preface=not client,
@@ -132,6 +141,8 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
         self._out.append(f.settings_frame(settings))
         self._out.append(f.window_update_frame(0, cfg.connection_window - _DEFAULT_WINDOW))
         self._flush_out()
+        self._settings_unacked += 1
+        self._later(cfg.settings_ack_timeout_s, self._settings_timeout)
         if not self.client:
             self._later(cfg.preface_timeout_s, self._preface_timeout)
             age = cfg.max_connection_age_s
@@ -143,9 +154,10 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
             self.data_received(data)
 
     def _settle(self, error: BaseException) -> None:
-        if not self.ready.done():
-            self.ready.set_exception(error)
-            self.ready.exception()  # retrieved: a server connection has no one waiting
+        for future in (self.ready, self.settled):
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: a server connection has no one waiting
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -190,6 +202,7 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
             self._abandon(stream, CONNECTION_LOST, reason)
         self.streams.clear()
         self._blocked.clear()
+        self._wake()
         if self._on_closed is not None:
             self._on_closed(self)
 
@@ -211,6 +224,16 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
         assert self._on_request is not None
         self._on_request(self, stream, headers, size, end)
 
+    def when_open(self, callback: Callable[[], None]) -> None:
+        """Client role, when `can_open` is false: `callback()` once a stream slot frees,
+        or once the connection will take no more streams (it closed or drains)."""
+        self._slot_waiters.append(callback)
+
+    def _wake(self) -> None:
+        waiters = self._slot_waiters
+        while waiters and (self.can_open or self.closed or self.draining):
+            waiters.popleft()()
+
     def open_stream(self, handler: StreamHandler) -> Stream:
         """Client role: a new stream (the caller sends its HEADERS first)."""
         sid = self._next_id
@@ -224,6 +247,8 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
         if self.streams.pop(stream.id, None) is not None:
             self._blocked.pop(stream, None)
             stream.source = None
+            if self._slot_waiters:
+                self._wake()
             self._close_if_idle()
 
     def _abandon(self, stream: Stream, code: int, reason: str, *, send: bool = False) -> None:
@@ -306,6 +331,10 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
     def _later(self, delay: float, callback: Callable[[], Any]) -> None:
         self._timers.append(self._loop.call_later(delay, callback))
 
+    def _settings_timeout(self) -> None:
+        if self._settings_unacked and not self.closed:
+            self.close(ErrorCode.SETTINGS_TIMEOUT, "SETTINGS not acknowledged in time")
+
     def _preface_timeout(self) -> None:
         if not self._got_settings and not self.closed:
             self.close(ErrorCode.SETTINGS_TIMEOUT, "no preface in time")
@@ -320,6 +349,7 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
             return
         self.draining = True
         if self.client:
+            self._wake()
             self._close_if_idle()
             return
         self._write(f.goaway_frame(f.MAX_STREAM_ID, ErrorCode.NO_ERROR))

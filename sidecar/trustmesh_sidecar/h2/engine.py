@@ -275,6 +275,8 @@ class H2Engine:
             scheme=b"http" if verdict.upstream.expected_id is None else b"https",
             max_message_bytes=cfg.max_message_bytes,
             max_header_bytes=cfg.max_header_list_bytes,
+            retry_buffer_bytes=cfg.retry_buffer_bytes,
+            max_attempts=cfg.max_attempts,
         )
         control.call = call
         if control.status is not None:
@@ -361,6 +363,13 @@ class H2Engine:
         except (OSError, TimeoutError) as e:
             raise ConnectionError(f"cannot connect to {up.address}: {e}") from e
         await conn.ready  # raises what `verify` refused
+        # No stream opens before the peer's SETTINGS: its MAX_CONCURRENT_STREAMS bounds
+        # the calls that share this connection (the others wait: `Call`).
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.settled), self.config.preface_timeout_s)
+        except TimeoutError as e:
+            conn.abort()
+            raise ConnectionError(f"{up.address} sent no HTTP/2 SETTINGS") from e
         self._errors.pop(key, None)
         self._conns.add(conn)
         self._generations[conn] = generation

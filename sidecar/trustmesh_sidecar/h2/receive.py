@@ -56,6 +56,8 @@ class FrameReceiver:
     _next_id: int
     _last_peer_id: int
     _got_settings: bool
+    _settings_unacked: int
+    settled: asyncio.Future[None]
     _peer_initial_window: int
     _recv_window: int
     _goaway_last: int
@@ -71,6 +73,7 @@ class FrameReceiver:
     _flush_blocked: Callable[[], None]
     _final_goaway: Callable[[], None]
     _close_if_idle: Callable[[], None]
+    _wake: Callable[[], None]  # slot waiters (H2Connection.when_open)
     _accept_stream: Callable[[int, RawHeaders, int, bool], None]
 
     # -- frames in ----------------------------------------------------------------------
@@ -86,7 +89,9 @@ class FrameReceiver:
             self._on_window_update(ev)
         elif isinstance(ev, f.SettingsFrame):
             self._calm(self._control)
-            if not ev.ack:
+            if ev.ack:
+                self._settings_unacked = max(0, self._settings_unacked - 1)
+            else:
                 self._on_settings(ev)
         elif isinstance(ev, f.PingFrame):
             if ev.ack:
@@ -221,6 +226,9 @@ class FrameReceiver:
         self._write(f.settings_frame(ack=True))
         for stream in list(self.streams.values()):
             stream.flush()
+        if not self.settled.done():
+            self.settled.set_result(None)
+        self._wake()  # the peer may have raised MAX_CONCURRENT_STREAMS
 
     def _on_reset(self, ev: f.ResetFrame) -> None:
         self._calm(self._resets)
@@ -237,9 +245,12 @@ class FrameReceiver:
         if ev.code != ErrorCode.NO_ERROR:
             log.info("h2 %s: GOAWAY %s %r", self.peer_address, _name(ev.code), ev.debug[:64])
         if self.client:
+            # Streams above last_stream_id were never processed (RFC 9113 6.8): the
+            # code tells their calls that a retry on a new connection is safe.
             for sid, stream in list(self.streams.items()):
                 if sid > ev.last_stream_id:
                     self._abandon(stream, ErrorCode.REFUSED_STREAM, "refused by GOAWAY")
+            self._wake()
         self._close_if_idle()
 
 

@@ -9,7 +9,9 @@ connection it arrived on until it has been written out on the other side; only t
 is `source` (the stream it came from) credited, which sends WINDOW_UPDATEs. So a slow
 reader on one side stops the writer on the other, and what the engine holds per
 connection is bounded by the windows it grants (`H2Config`). Bytes dropped from a
-queue are credited too, so a cancelled stream never leaks window.
+queue are credited too, so a cancelled stream never leaks window. DATA sent again
+(`credited=True`: a request replayed on a new stream after the first was refused)
+was credited the first time and is never credited twice.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Stream", "StreamHandler"]
 
-_HEADERS, _DATA, _RESET = 0, 1, 2
+_HEADERS, _DATA, _RESET, _REPLAYED = 0, 1, 2, 3
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -81,11 +83,12 @@ class Stream:
         if len(self.outq) == 1:
             self.flush()
 
-    def send_data(self, data: bytes, end: bool) -> None:
+    def send_data(self, data: bytes, end: bool, *, credited: bool = False) -> None:
         if self.local_done or self.conn.closed:
-            self._credit_source(len(data))
+            if not credited:
+                self._credit_source(len(data))
             return
-        self.outq.append((_DATA, data, end))
+        self.outq.append((_REPLAYED if credited else _DATA, data, end))
         if len(self.outq) == 1:
             self.flush()
 
@@ -112,7 +115,7 @@ class Stream:
         q = self.outq
         while q:
             kind, payload, end = q[0]
-            if kind == _DATA:
+            if kind in (_DATA, _REPLAYED):
                 assert isinstance(payload, bytes)
                 n = len(payload)
                 if n:
@@ -125,7 +128,7 @@ class Stream:
                             conn.block(self)
                         return  # else: resumes on this stream's WINDOW_UPDATE
                     if n > room:
-                        q[0] = (_DATA, payload[room:], end)
+                        q[0] = (kind, payload[room:], end)
                         payload, n, end = payload[:room], room, False
                     else:
                         q.popleft()
@@ -134,7 +137,7 @@ class Stream:
                 else:
                     q.popleft()
                 conn.write_data(self.id, payload, end)
-                if n:
+                if n and kind == _DATA:
                     self._credit_source(n)
             elif kind == _HEADERS:
                 q.popleft()
@@ -154,7 +157,7 @@ class Stream:
 
     def discard(self) -> None:
         """Drop everything queued, crediting the source for the DATA bytes in it."""
-        dropped = sum(len(p) for k, p, _ in self.outq if isinstance(p, bytes))
+        dropped = sum(len(p) for k, p, _ in self.outq if k == _DATA and isinstance(p, bytes))
         self.outq.clear()
         if dropped:
             self._credit_source(dropped)
