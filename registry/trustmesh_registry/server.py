@@ -39,7 +39,13 @@ from trustmesh.v1 import resources_pb2 as pb
 from trustmesh.x509svid import BundleSet, TrustBundle, X509Svid, generate_key, make_csr
 from trustmesh_registry.attestation import JoinTokenAttestor
 from trustmesh_registry.datadir import DataDir
-from trustmesh_registry.service import OPERATORS, BootstrapService, Issuer, RegistryService
+from trustmesh_registry.service import (
+    OPERATORS,
+    BootstrapService,
+    Issuer,
+    RegistryService,
+    add_registry_servicer,
+)
 from trustmesh_registry.state import RegistryState
 from trustmesh_registry.store_sqlite import SqliteStore
 
@@ -229,7 +235,7 @@ class RegistryServer:
         mtls = grpc.aio.server(
             options=server_options(limits, age=True, send_bytes=limits.max_snapshot_bytes)
         )
-        rgrpc.add_RegistryServicer_to_server(
+        add_registry_servicer(
             RegistryService(
                 self.state, self.issuer, self.attestor, lambda: self._verifier, limits=limits
             ),

@@ -263,7 +263,9 @@ class RegistryService(rgrpc.RegistryServicer):  # type: ignore[misc]
 
     async def Watch(
         self, request: rpb.WatchRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[rpb.SnapshotUpdate]:
+    ) -> AsyncIterator[rpb.SnapshotUpdate | bytes]:
+        """Updates as messages, and a full snapshot as the bytes `full_backlog` shares
+        between watchers (`server.add_registry_servicer` lets bytes through)."""
         try:
             caller = self._caller(context)
         except MeshError as e:
@@ -280,11 +282,13 @@ class RegistryService(rgrpc.RegistryServicer):  # type: ignore[misc]
                 address=request.inbound_address[:256],
             )
         try:
-            backlog = state.updates_since(request.epoch, request.revision)
-            if backlog is None:
-                backlog = [state.full_snapshot()]
             # Everything up to `sent` is in the backlog; later updates are queued.
-            sent = backlog[-1].revision if backlog else request.revision
+            deltas = state.updates_since(request.epoch, request.revision)
+            backlog: list[rpb.SnapshotUpdate | bytes]
+            if deltas is None:
+                backlog, sent = state.full_backlog()
+            else:
+                backlog, sent = list(deltas), deltas[-1].revision if deltas else request.revision
             if endpoint is not None:
                 state.put_endpoint(endpoint)
             for update in backlog:
@@ -300,3 +304,39 @@ class RegistryService(rgrpc.RegistryServicer):  # type: ignore[misc]
             state.unsubscribe(watcher)
             if endpoint is not None and not state.closing:
                 state.delete_endpoint(endpoint)
+
+
+def _serialize_update(update: rpb.SnapshotUpdate | bytes) -> bytes:
+    return update if isinstance(update, bytes) else update.SerializeToString()
+
+
+class _Captured:
+    """Stands in for a server while the generated code registers its handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # the same handlers come again through add_registered_method_handlers
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers.update(handlers)
+
+
+def add_registry_servicer(servicer: RegistryService, server: grpc.aio.Server) -> None:
+    """`add_RegistryServicer_to_server`, except that Watch may also yield bytes that are
+    already a serialized `SnapshotUpdate` (the shared full snapshot)."""
+    captured = _Captured()
+    rgrpc.add_RegistryServicer_to_server(servicer, captured)
+    handlers = dict(captured.handlers)
+    watch = handlers["Watch"]
+    handlers["Watch"] = watch._replace(response_serializer=_serialize_update)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(_REGISTRY_SERVICE, handlers),)
+    )
+    server.add_registered_method_handlers(_REGISTRY_SERVICE, handlers)
+
+
+_REGISTRY_SERVICE = "trustmesh.v1.Registry"

@@ -98,6 +98,8 @@ class RegistryState:
         self.epoch = uuid.uuid4().hex
         self.revision = 0
         self._log: collections.deque[rpb.SnapshotUpdate] = collections.deque(maxlen=log_size)
+        # The last full snapshot served, serialized, and its revision (`full_backlog`).
+        self._full: tuple[int, bytes] | None = None
         self._watchers: set[Watcher] = set()
         self.blueprints: dict[str, AgentBlueprint] = {}
         self.agents: dict[str, Agent] = {}
@@ -137,6 +139,25 @@ class RegistryState:
         return rpb.SnapshotUpdate(
             epoch=self.epoch, revision=self.revision, full=True, changes=changes
         )
+
+    def full_backlog(self, max_deltas: int = 256) -> tuple[list[rpb.SnapshotUpdate | bytes], int]:
+        """What a watcher that needs a full snapshot is sent, and the revision it brings
+        the watcher to (the current one).
+
+        That is a full snapshot of some revision R, serialized once and shared (at
+        100,000 agents building one takes about 2 s and serializing it 0.2 s; after a
+        registry restart every sidecar asks for one, and each that reports an
+        endpoint adds a revision), followed by the deltas after R, as a watcher
+        resuming at R would get them. A new one is built when the log no longer
+        holds the deltas after R, or when there are more than `max_deltas` of them."""
+        if self._full is not None:
+            revision, data = self._full
+            deltas = self.updates_since(self.epoch, revision)
+            if deltas is not None and len(deltas) <= max_deltas:
+                return [data, *deltas], self.revision
+        data = self.full_snapshot().SerializeToString()
+        self._full = (self.revision, data)
+        return [data], self.revision
 
     def updates_since(self, epoch: str, revision: int) -> list[rpb.SnapshotUpdate] | None:
         """The deltas after `revision`, or None when only a full snapshot will do."""

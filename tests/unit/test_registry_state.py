@@ -10,6 +10,7 @@ import pytest
 from trustmesh.errors import ManifestError
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.v1 import registry_pb2 as rpb
+from trustmesh.v1 import resources_pb2 as pb
 from trustmesh_registry.service import Issuer
 from trustmesh_registry.state import RegistryState, Watcher
 from trustmesh_registry.store import MemoryStore
@@ -132,6 +133,57 @@ def test_full_snapshot_is_marked_full(state: RegistryState) -> None:
     assert (snap.epoch, snap.revision) == (state.epoch, state.revision)
     kinds = sorted(c.WhichOneof("change") for c in snap.changes)
     assert kinds == ["put_agent", "put_blueprint"]
+
+
+def _fold(updates: list[rpb.SnapshotUpdate | bytes]) -> dict[tuple[str, str], bytes]:
+    """What a watcher holds after applying `updates`: resource (kind, key) -> message."""
+    held: dict[tuple[str, str], bytes] = {}
+    for raw in updates:
+        update = rpb.SnapshotUpdate.FromString(raw) if isinstance(raw, bytes) else raw
+        if update.full:
+            held.clear()
+        for change in update.changes:
+            which = change.WhichOneof("change")
+            assert which is not None
+            verb, kind = which.split("_", 1)
+            value = getattr(change, which)
+            key = value if isinstance(value, str) else (
+                f"{value.spiffe_id}|{value.instance_id}" if kind == "endpoint"
+                else getattr(value, "trust_domain", "") or value.name)  # fmt: skip
+            if verb == "put":
+                held[(kind, key)] = value.SerializeToString()
+            else:
+                held.pop((kind, key), None)
+    return held
+
+
+def test_full_backlog_is_built_once_and_caught_up_with_deltas(state: RegistryState) -> None:
+    state.apply([bp(), ag("alice"), ag("bob")])
+    first, sent = state.full_backlog()
+    assert sent == state.revision and len(first) == 1 and isinstance(first[0], bytes)
+    state.put_endpoint(pb.Endpoint(spiffe_id=f"spiffe://{TD}/agents/alice", instance_id="i",
+                                       address="127.0.0.1:1"))  # fmt: skip
+    state.set_agent_state("bob", disabled=True, reason="r")
+    second, sent = state.full_backlog()
+    assert second[0] is first[0]  # the same serialized snapshot, not built again
+    assert [u.revision for u in second[1:] if isinstance(u, rpb.SnapshotUpdate)] == [
+        sent - 1, sent]
+    assert _fold(second) == _fold([state.full_snapshot()])
+    assert ("endpoint", f"spiffe://{TD}/agents/alice|i") in _fold(second)
+
+
+@pytest.mark.parametrize(
+    ("changes", "max_deltas"),
+    [(3, 2), (10, 256)],
+    ids=["more-deltas-than-allowed", "deltas-fell-off-the-log"],
+)
+def test_full_backlog_is_rebuilt(state: RegistryState, changes: int, max_deltas: int) -> None:
+    state.apply([bp(), ag("alice")])
+    first, _ = state.full_backlog()
+    _bump(state, changes)  # the log keeps 8 updates
+    again, sent = state.full_backlog(max_deltas=max_deltas)
+    assert len(again) == 1 and again[0] is not first[0] and sent == state.revision
+    assert _fold(again) == _fold([state.full_snapshot()])
 
 
 # -- watchers ------------------------------------------------------------------------------------
