@@ -2,6 +2,11 @@
 
     python -m bench.latency_h2                # 7 rounds: 300 sequential + 2000 at 32 in flight
     python -m bench.latency_h2 --quick        # 1 short round (smoke)
+    python -m bench.latency_h2 --no-grpc --tree base=/tmp/base   # A/B against other code
+
+`--tree LABEL=DIR` adds the path `mesh-h2-LABEL`: an h2 mesh whose sidecar processes
+import trustmesh from DIR (a copy of the repository, e.g. of the previous commit)
+instead of this checkout, so two versions are measured side by side in one run.
 
 Topology as in bench/latency.py (all on loopback): the client and the echo app live in
 this process; each mesh path goes client -> sidecar A (process) -> mTLS -> sidecar B
@@ -27,6 +32,7 @@ from typing import Any
 
 import grpc
 
+from bench.common import rotate
 from trustmesh.demo.mesh import LocalMesh
 from trustmesh.v1 import registry_pb2 as rpb
 
@@ -123,9 +129,14 @@ async def _throughput(
     return n / (time.perf_counter() - start)
 
 
-async def _mesh(root: Path, app: str, engine: str, site: Path) -> tuple[LocalMesh, str]:
+async def _mesh(
+    root: Path, app: str, engine: str, site: Path, tree: Path | None = None
+) -> tuple[LocalMesh, str]:
     env = {"OTEL_TRACES_EXPORTER": "none", "TRUSTMESH_BENCH_ENGINE": engine}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    code = [str(tree), str(tree / "sidecar"), str(tree / "registry")] if tree else []
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(site), *code, os.environ.get("PYTHONPATH")])
+    )
     mesh = LocalMesh(root, extra_env=env)
     await mesh.start_registry()
     await mesh.apply(_docs())
@@ -135,7 +146,14 @@ async def _mesh(root: Path, app: str, engine: str, site: Path) -> tuple[LocalMes
 
 
 async def main_async(
-    rounds: int, calls: int, tput_calls: int, inflight: int, out_dir: Path
+    rounds: int,
+    calls: int,
+    tput_calls: int,
+    inflight: int,
+    out_dir: Path,
+    *,
+    trees: dict[str, Path] | None = None,
+    grpc_engine: bool = True,
 ) -> dict[str, Any]:
     server, app = await _echo_server()
     meshes: list[LocalMesh] = []
@@ -147,18 +165,24 @@ async def main_async(
             paths: dict[str, tuple[grpc.aio.Channel, list[tuple[str, str]]]] = {
                 "direct": (grpc.aio.insecure_channel(app), [])
             }
-            for engine in ("grpc", "h2"):
-                mesh, outbound = await _mesh(Path(tmp) / engine, app, engine, site)
+            meshes_wanted: list[tuple[str, str, Path | None]] = [
+                *([("mesh-grpc", "grpc", None)] if grpc_engine else []),
+                ("mesh-h2", "h2", None),
+                *((f"mesh-h2-{label}", "h2", tree) for label, tree in (trees or {}).items()),
+            ]
+            for name, engine, tree in meshes_wanted:
+                mesh, outbound = await _mesh(Path(tmp) / name, app, engine, site, tree)
                 meshes.append(mesh)
-                paths[f"mesh-{engine}"] = (
+                paths[name] = (
                     grpc.aio.insecure_channel(outbound),
                     [("trustmesh-target", "server")],
                 )
             for ch, md in paths.values():  # warm: connections, caches
                 await _run(ch, md, 50)
             rows: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
-            for _ in range(rounds):
-                for name, (ch, md) in paths.items():
+            for r in range(rounds):
+                for name in rotate(list(paths), r):  # the order rotates round by round
+                    ch, md = paths[name]
                     lat = await _run(ch, md, calls)
                     rate = await _throughput(ch, md, tput_calls, inflight)
                     rows[name].append(
@@ -212,11 +236,36 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="1 round of 30 + 200 calls")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="also measure an h2 mesh running the code in DIR, as path mesh-h2-LABEL",
+    )
+    parser.add_argument("--no-grpc", action="store_true", help="leave out the grpcio mesh")
     args = parser.parse_args()
+    trees: dict[str, Path] = {}
+    for spec in args.tree:
+        label, sep, where = spec.partition("=")
+        tree = Path(where).resolve()
+        if not sep or not label or not (tree / "trustmesh").is_dir():
+            parser.error(f"--tree wants LABEL=DIR with DIR/trustmesh in it, got {spec!r}")
+        trees[label] = tree
     rounds, calls, tput = (
         (1, 30, 200) if args.quick else (args.rounds, args.calls, args.throughput_calls)
     )
-    asyncio.run(main_async(rounds, calls, tput, args.inflight, Path(args.out)))
+    asyncio.run(
+        main_async(
+            rounds,
+            calls,
+            tput,
+            args.inflight,
+            Path(args.out),
+            trees=trees,
+            grpc_engine=not args.no_grpc,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,11 +9,15 @@ Spans never carry keys, tokens or message payloads.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import baggage, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import Getter, Setter
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import Getter, Setter, TextMapPropagator
+from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -21,6 +25,8 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import Decision as SamplingDecision
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 __all__ = [
     "ATTR",
@@ -28,7 +34,9 @@ __all__ = [
     "extract_context",
     "inject_context",
     "otlp_requested",
+    "span_seen",
     "split_method",
+    "start_span",
 ]
 
 
@@ -76,7 +84,49 @@ def split_method(path: str) -> tuple[str, str]:
     return service, method
 
 
+# The propagators OpenTelemetry installs by default (OTEL_PROPAGATORS unset):
+# W3C trace context, then W3C baggage. With them, the work per call is known and the
+# common cases below take a shorter path to the same result.
+_DEFAULT_PROPAGATORS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
+_PROPAGATION_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
+# (the global propagator last looked at, its trace context propagator if default)
+_default_seen: list[tuple[TextMapPropagator | None, TraceContextTextMapPropagator | None]] = [
+    (None, None)
+]
+
+
+def _default_tracecontext() -> TraceContextTextMapPropagator | None:
+    """The trace context propagator, when the global one is the default composite."""
+    textmap = propagate.get_global_textmap()
+    seen, found = _default_seen[0]
+    if textmap is seen:
+        return found
+    found = None
+    inner = getattr(textmap, "_propagators", None)
+    if (
+        type(textmap) is CompositePropagator
+        and isinstance(inner, list | tuple)
+        and tuple(type(p) for p in inner) == _DEFAULT_PROPAGATORS
+    ):
+        found = inner[0]
+    _default_seen[0] = (textmap, found)
+    return found
+
+
 def extract_context(headers: Headers) -> Context:
+    tracecontext = _default_tracecontext()
+    if tracecontext is not None:
+        # Default propagators: with no tracestate or baggage header, only the
+        # traceparent header counts (or none: an empty context, as they would give).
+        traceparent: tuple[tuple[str, str | bytes], ...] = ()
+        for header in headers:
+            if header[0] in _PROPAGATION_FIELDS:
+                if header[0] != "traceparent" or traceparent:
+                    return propagate.extract(headers, getter=_GETTER)
+                traceparent = (header,)
+        if not traceparent:
+            return Context()
+        return tracecontext.extract(traceparent, getter=_GETTER)
     return propagate.extract(headers, getter=_GETTER)
 
 
@@ -85,10 +135,101 @@ def inject_context(
 ) -> list[tuple[str, str | bytes]]:
     """Headers with any incoming trace context replaced by `span`'s."""
     out = [(k, v) for k, v in headers if k not in _TRACE_KEYS]
+    if _default_tracecontext() is not None and not baggage.get_all():
+        # Default propagators and no baggage: what TraceContextTextMapPropagator.inject
+        # writes, without building a context to carry the span.
+        span_context = span.get_span_context()
+        if span_context != trace.INVALID_SPAN_CONTEXT:
+            out.append(
+                (
+                    "traceparent",
+                    f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
+                    f"-{span_context.trace_flags:02x}",
+                )
+            )
+            if span_context.trace_state:
+                out.append(("tracestate", span_context.trace_state.to_header()))
+        return out
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(span), setter=_SETTER)
     out.extend(carrier.items())
     return out
+
+
+def span_seen(tracer: trace.Tracer) -> bool:
+    """Whether anything can see the spans `tracer` records.
+
+    False only for an SDK tracer whose provider has no span processor, which is what
+    `configure_tracing` installs when there is nowhere to export to. Read per span, so
+    a processor added later takes effect at once.
+    """
+    if not isinstance(tracer, sdk_trace.Tracer):
+        return True
+    processors = getattr(tracer.span_processor, "_span_processors", None)
+    return not isinstance(processors, tuple) or bool(processors)
+
+
+def start_span(
+    tracer: trace.Tracer,
+    name: str,
+    *,
+    kind: trace.SpanKind,
+    context: Context | None,
+    attributes: Mapping[str, Any],
+    start_time: int | None = None,
+) -> trace.Span:
+    """`tracer.start_span`, except when no one can see the span (`span_seen` is False).
+
+    Then the span is a non-recording one that carries what the SDK would have given
+    the recorded span: the parent's trace ID (or a new one from the tracer's ID
+    generator), a new span ID and the tracer's sampling decision. The trace context
+    that goes on to the next hop is the same; building the span's record, which no
+    processor would read, is skipped.
+    """
+    if span_seen(tracer):
+        return tracer.start_span(
+            name, kind=kind, context=context, attributes=attributes, start_time=start_time
+        )
+    assert isinstance(tracer, sdk_trace.Tracer)
+    enabled = getattr(tracer, "_is_enabled", None)
+    if enabled is not None and not enabled():
+        return tracer.start_span(name, kind=kind, context=context, attributes=attributes)
+    return _unseen_span(tracer, name, kind, context, attributes)
+
+
+_RANDOM_TRACE_ID = int(getattr(trace.TraceFlags, "RANDOM_TRACE_ID", 0))
+
+
+def _unseen_span(
+    tracer: sdk_trace.Tracer,
+    name: str,
+    kind: trace.SpanKind,
+    context: Context | None,
+    attributes: Mapping[str, Any],
+) -> trace.Span:
+    """The IDs and flags of `Tracer.start_span` (opentelemetry-sdk), without the record."""
+    parent = trace.get_current_span(context).get_span_context()
+    ids = tracer.id_generator
+    if parent is None or not parent.is_valid:
+        trace_id = ids.generate_trace_id()
+        is_random = getattr(ids, "is_trace_id_random", None)
+        random_trace_id = bool(is_random()) if is_random is not None else False
+    else:
+        trace_id = parent.trace_id
+        random_trace_id = bool(parent.trace_flags & _RANDOM_TRACE_ID)
+    sampling = tracer.sampler.should_sample(context, trace_id, name, kind, attributes, ())
+    sampled = sampling.decision is SamplingDecision.RECORD_AND_SAMPLE
+    flags = trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT
+    if random_trace_id:
+        flags |= _RANDOM_TRACE_ID
+    span_context = trace.SpanContext(
+        trace_id,
+        ids.generate_span_id(),
+        is_remote=False,
+        trace_flags=trace.TraceFlags(flags),
+        trace_state=sampling.trace_state,
+    )
+    return trace.NonRecordingSpan(span_context)
 
 
 def otlp_requested() -> bool:

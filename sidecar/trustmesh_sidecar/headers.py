@@ -27,6 +27,7 @@ __all__ = [
     "bearer_token",
     "for_app",
     "for_peer",
+    "kept",
     "strip_reserved",
     "value_of",
 ]
@@ -64,20 +65,42 @@ def _is_transport(key: str) -> bool:
     return key.startswith(":") or key in _TRANSPORT
 
 
+# Whether a key (as received, any case) is dropped: memoized, since the same few keys
+# arrive on every call. Bounded: keys are the caller's choice, so past the bound the
+# answer is computed without being remembered.
+_DROPPED: dict[str, bool] = {}
+_DROPPED_MAX = 1024
+
+
+def _dropped(key: str) -> bool:
+    dropped = _DROPPED.get(key)
+    if dropped is None:
+        low = key.lower()
+        dropped = low.startswith(PREFIX) or _is_transport(low)
+        if len(_DROPPED) < _DROPPED_MAX:
+            _DROPPED[key] = dropped
+    return dropped
+
+
 def value_of(headers: Iterable[Header], key: str) -> str | bytes | None:
+    """The first value of `key` (lower case), matching names in any case."""
     for k, v in headers:
-        if k.lower() == key:
+        if k == key or k.lower() == key:
             return v
     return None
 
 
 def strip_reserved(headers: Iterable[Header]) -> list[Header]:
     """Drop every trustmesh-* key (any case) and transport headers."""
-    return [
-        (k, v)
-        for k, v in headers
-        if not k.lower().startswith(PREFIX) and not _is_transport(k.lower())
-    ]
+    return [(k, v) for k, v in headers if not _dropped(k)]
+
+
+def kept(headers: Headers) -> Headers:
+    """`strip_reserved` as a tuple: `headers` itself when nothing is dropped."""
+    for k, _ in headers:
+        if _dropped(k):
+            return tuple(strip_reserved(headers))
+    return headers
 
 
 AUTHORIZATION = "authorization"

@@ -18,6 +18,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from time import time_ns
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -28,7 +30,13 @@ from trustmesh.errors import Code, PeerAuthenticationError, format_details, pars
 from trustmesh.limits import DEFAULT_LIMITS, Limits
 from trustmesh.resources import is_grpc_method
 from trustmesh.spiffe_id import SpiffeId
-from trustmesh.telemetry import ATTR, extract_context, inject_context, split_method
+from trustmesh.telemetry import (
+    ATTR,
+    extract_context,
+    inject_context,
+    split_method,
+    start_span,
+)
 from trustmesh_sidecar import chains
 from trustmesh_sidecar import headers as hdr
 from trustmesh_sidecar.engine import (
@@ -47,22 +55,45 @@ audit = logging.getLogger("trustmesh.audit")
 
 
 
+# Audit lines by what they say: the same few (caller, callee, method, decision) come
+# back call after call, and their JSON is the same every time. Bounded; emptied when full.
+_AUDIT_LINES: dict[tuple[str, str, str, str, Decision], str] = {}
+_AUDIT_LINES_MAX = 4096
+_AUDIT_KEY_MAX = 1024  # longer values (a caller's odd method path) are not remembered
+
+
+def _audit_line(side: str, caller: str, callee: str, method: str, decision: Decision) -> str:
+    key = (side, caller, callee, method, decision)
+    line = _AUDIT_LINES.get(key)
+    if line is None:
+        line = json.dumps(
+            {
+                "side": side,
+                "caller": caller,
+                "callee": callee,
+                "method": method,
+                "decision": "allow" if decision.allowed else "deny",
+                "reason": decision.reason.value,
+                "policy": decision.policy,
+                "message": decision.message,
+            },
+            separators=(",", ":"),
+        )
+        if len(method) + len(caller) <= _AUDIT_KEY_MAX:
+            if len(_AUDIT_LINES) >= _AUDIT_LINES_MAX:
+                _AUDIT_LINES.clear()
+            _AUDIT_LINES[key] = line
+    return line
+
+
 def _audit(side: str, caller: str, callee: str, method: str, decision: Decision) -> None:
+    """One JSON line per decision on the `trustmesh.audit` logger, at INFO."""
     if audit.isEnabledFor(logging.INFO):
-        audit.info(
-            json.dumps(
-                {
-                    "side": side,
-                    "caller": caller,
-                    "callee": callee,
-                    "method": method,
-                    "decision": "allow" if decision.allowed else "deny",
-                    "reason": decision.reason.value,
-                    "policy": decision.policy,
-                    "message": decision.message,
-                },
-                separators=(",", ":"),
-            )
+        line = _audit_line(side, caller, callee, method, decision)
+        # Logger.info without its stack walk for the caller's file and line: the
+        # record names this function instead, and goes through the same handle().
+        audit.handle(
+            audit.makeRecord(audit.name, logging.INFO, __file__, 0, line, (), None, "_audit")
         )
 
 
@@ -77,54 +108,114 @@ class _SpanObserver:
         self._done = False
 
     def response_headers(self, headers: Headers) -> Headers:
-        return tuple(hdr.strip_reserved(headers))
+        return hdr.kept(headers)
 
     def finished(self, code: Code, details: str) -> None:
         if self._done:
             return
         self._done = True
         span = self._span
-        span.set_attribute(ATTR.RPC_STATUS, code.value)
-        parsed = parse_details(details) if code is not Code.OK else None
-        if parsed is not None:
-            # A TrustMesh denial further along (or a revocation): record its reason.
-            span.set_attribute(ATTR.DECISION, "deny")
-            span.set_attribute(ATTR.REASON, parsed[0])
-        if code is not Code.OK:
+        if code is Code.OK:
+            span.set_attribute(ATTR.RPC_STATUS, code.value)
+        else:
+            attrs: dict[str, Any] = {ATTR.RPC_STATUS: code.value}
+            parsed = parse_details(details)
+            if parsed is not None:
+                # A TrustMesh denial further along (or a revocation): record its reason.
+                attrs[ATTR.DECISION] = "deny"
+                attrs[ATTR.REASON] = parsed[0]
+            span.set_attributes(attrs)
             span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"[:256]))
         span.end()
         if self._on_end is not None:
             self._on_end()
 
 
-def _start_span(tracer: trace.Tracer, kind: SpanKind, call: CallStart, side: str) -> trace.Span:
-    service, method = split_method(call.method)
-    return tracer.start_span(
-        call.method.lstrip("/") or "unknown",
-        kind=kind,
-        context=extract_context(call.headers),
-        attributes={
-            ATTR.RPC_SYSTEM: "grpc",
-            ATTR.RPC_SERVICE: service,
-            ATTR.RPC_METHOD: method,
-            ATTR.PEER_ADDRESS: call.peer_address,
-            ATTR.SIDE: side,
-        },
-    )
+class _Spans:
+    """Starts one router's spans: name and rpc.* attributes are worked out once per
+    method (bounded), and every attribute known when the span starts is given at once."""
+
+    __slots__ = ("_kind", "_methods", "_side", "_tracer")
+
+    _MAX_METHODS = 1024
+
+    def __init__(self, tracer: trace.Tracer, kind: SpanKind, side: str) -> None:
+        self._tracer = tracer
+        self._kind = kind
+        self._side = side
+        self._methods: dict[str, tuple[str, dict[str, Any]]] = {}
+
+    def _per_method(self, path: str) -> tuple[str, dict[str, Any]]:
+        found = self._methods.get(path)
+        if found is None:
+            service, method = split_method(path)
+            found = (
+                path.lstrip("/") or "unknown",
+                {
+                    ATTR.RPC_SYSTEM: "grpc",
+                    ATTR.RPC_SERVICE: service,
+                    ATTR.RPC_METHOD: method,
+                    ATTR.SIDE: self._side,
+                },
+            )
+            if len(self._methods) < self._MAX_METHODS:
+                self._methods[path] = found
+        return found
+
+    def start(self, call: CallStart, start_time: int, attributes: dict[str, Any]) -> trace.Span:
+        """The call's span, started at `start_time` (ns) with these attributes too."""
+        name, base = self._per_method(call.method)
+        attributes.update(base)
+        attributes[ATTR.PEER_ADDRESS] = call.peer_address
+        return start_span(
+            self._tracer,
+            name,
+            kind=self._kind,
+            context=extract_context(call.headers),
+            attributes=attributes,
+            start_time=start_time,
+        )
 
 
-def _deny(span: trace.Span, decision: Decision, state: SidecarState) -> Reject:
+def _deny(
+    spans: _Spans,
+    call: CallStart,
+    start_time: int,
+    attributes: dict[str, Any],
+    decision: Decision,
+    state: SidecarState,
+) -> Reject:
+    """A refused call's span (started and ended here) and its status."""
     state.counters.denied += 1
-    span.set_attribute(ATTR.DECISION, "deny")
-    span.set_attribute(ATTR.REASON, decision.reason.value)
     details = format_details(decision.reason.value, decision.message)
-    span.set_attribute(ATTR.RPC_STATUS, decision.code.value)
+    code = decision.code
+    attributes[ATTR.DECISION] = "deny"
+    attributes[ATTR.REASON] = decision.reason.value
+    attributes[ATTR.RPC_STATUS] = code.value
+    span = spans.start(call, start_time, attributes)
     span.set_status(Status(StatusCode.ERROR, details[:256]))
     span.end()
-    return Reject(decision.code, details)
+    return Reject(code, details)
 
 
-@dataclass
+def _end_denied(span: trace.Span, decision: Decision, state: SidecarState) -> Reject:
+    """As `_deny`, for a call whose span is already started."""
+    state.counters.denied += 1
+    details = format_details(decision.reason.value, decision.message)
+    code = decision.code
+    span.set_attributes(
+        {
+            ATTR.DECISION: "deny",
+            ATTR.REASON: decision.reason.value,
+            ATTR.RPC_STATUS: code.value,
+        }
+    )
+    span.set_status(Status(StatusCode.ERROR, details[:256]))
+    span.end()
+    return Reject(code, details)
+
+
+@dataclass(slots=True)
 class _Open:
     caller: SpiffeId
     method: str
@@ -146,16 +237,17 @@ class InboundRouter:
         self._state = state
         self._app = Upstream(app_address, None)
         self._tracer = tracer
+        self._spans = _Spans(tracer, SpanKind.SERVER, "inbound")
         self._limits = limits
         self._open: dict[int, _Open] = {}
         self._ids = itertools.count()
         state.on_snapshot(self.revalidate)
 
     def route(self, call: CallStart, control: CallControl) -> Forward | Reject:
+        started = time_ns()
         state = self._state
-        span = _start_span(self._tracer, SpanKind.SERVER, call, "inbound")
+        spans = self._spans
         me = str(state.spiffe_id)
-        span.set_attribute(ATTR.CALLEE, me)
         now = state.now()
         try:
             caller = state.verifier.verify(call.peer_chain, now=now, role="client")
@@ -167,21 +259,23 @@ class InboundRouter:
             )
             decision = Decision.deny(reason, e.message)
             _audit("inbound", "", me, call.method, decision)
-            return _deny(span, decision, state)
-        span.set_attribute(ATTR.CALLER, str(caller))
-        decision = self._decide(caller, call.method)
-        _audit("inbound", str(caller), me, call.method, decision)
+            return _deny(spans, call, started, {ATTR.CALLEE: me}, decision, state)
+        caller_text = str(caller)
+        attributes: dict[str, Any] = {ATTR.CALLEE: me, ATTR.CALLER: caller_text}
+        decision = self._decide(caller, call.method, now)
+        _audit("inbound", caller_text, me, call.method, decision)
         if not decision.allowed:
-            return _deny(span, decision, state)
+            return _deny(spans, call, started, attributes, decision, state)
         checked = chains.inbound_chain(state, call.headers, caller, call.method)
         if not checked.allowed:
-            _audit("inbound", str(caller), me, call.method, checked.decision)
-            return _deny(span, checked.decision, state)
+            _audit("inbound", caller_text, me, call.method, checked.decision)
+            return _deny(spans, call, started, attributes, checked.decision, state)
         state.counters.allowed += 1
-        span.set_attribute(ATTR.DECISION, "allow")
-        span.set_attribute(ATTR.REASON, decision.reason.value)
+        attributes[ATTR.DECISION] = "allow"
+        attributes[ATTR.REASON] = decision.reason.value
         if decision.policy:
-            span.set_attribute(ATTR.POLICY, decision.policy)
+            attributes[ATTR.POLICY] = decision.policy
+        span = spans.start(call, started, attributes)
         chain = checked.chain
         if chain is not None:
             chains.annotate(span, chain)
@@ -189,7 +283,7 @@ class InboundRouter:
         self._open[key] = _Open(
             caller, call.method, control, span, chain.data if chain else None, now
         )
-        app_headers = hdr.for_app(call.headers, str(caller), chain.headers() if chain else ())
+        app_headers = hdr.for_app(call.headers, caller_text, chain.headers() if chain else ())
         headers = inject_context(app_headers, span)
         observer = _SpanObserver(span, lambda: self._close(key))
         return Forward(self._app, tuple(headers), observer)
@@ -197,7 +291,7 @@ class InboundRouter:
     def _close(self, key: int) -> None:
         self._open.pop(key, None)
 
-    def _decide(self, caller: SpiffeId, method: str) -> Decision:
+    def _decide(self, caller: SpiffeId, method: str, now: datetime) -> Decision:
         state = self._state
         if not is_grpc_method(method):
             return Decision.deny(Reason.BAD_METHOD, f"malformed method path {method[:128]!r}")
@@ -208,7 +302,7 @@ class InboundRouter:
                 Reason.LIMIT_EXCEEDED,
                 f"more than {self._limits.max_inflight_calls} calls in flight",
             )
-        return authorize(caller, state.spiffe_id, method, state.snapshot, now=state.now())
+        return authorize(caller, state.spiffe_id, method, state.snapshot, now=now)
 
     def revalidate(self) -> None:
         """Re-decide every open call against the new snapshot; end the denied ones."""
@@ -250,6 +344,8 @@ class OutboundRouter:
     ) -> None:
         self._state = state
         self._tracer = tracer
+        self._spans = _Spans(tracer, SpanKind.CLIENT, "outbound")
+        self._upstreams: dict[tuple[str, SpiffeId], Upstream] = {}
         self._explain = explain
         self._limits = limits
         self._rr = itertools.count()
@@ -276,11 +372,24 @@ class OutboundRouter:
             return Decision.deny(Reason.AGENT_EXPIRED, f"this agent ({me.name}) has expired")
         return None
 
+    def _upstream(self, address: str, callee: SpiffeId) -> Upstream:
+        key = (address, callee)
+        found = self._upstreams.get(key)
+        if found is None:
+            found = Upstream(address, callee)
+            if len(self._upstreams) >= self._MAX_UPSTREAMS:
+                self._upstreams.clear()
+            self._upstreams[key] = found
+        return found
+
+    _MAX_UPSTREAMS = 1024
+
     def route(self, call: CallStart, control: CallControl) -> Forward | Reject:
+        started = time_ns()
         state = self._state
-        span = _start_span(self._tracer, SpanKind.CLIENT, call, "outbound")
+        spans = self._spans
         me = str(state.spiffe_id)
-        span.set_attribute(ATTR.CALLER, me)
+        attributes: dict[str, Any] = {ATTR.CALLER: me}
         target = hdr.value_of(call.headers, hdr.TARGET)
         decision: Decision | None = None
         if not isinstance(target, str) or not target:
@@ -299,25 +408,32 @@ class OutboundRouter:
             decision = self._self_revoked()
         if decision is not None:
             _audit("outbound", me, str(target or ""), call.method, decision)
-            return _deny(span, decision, state)
+            return _deny(spans, call, started, attributes, decision, state)
         assert isinstance(target, str)
-        span.set_attribute(ATTR.TARGET, target[:256])
+        attributes[ATTR.TARGET] = target[:256]
         resolved = resolve_target(target, state.snapshot, now=state.now())
         if isinstance(resolved, Decision):
             _audit("outbound", me, target, call.method, resolved)
-            return _deny(span, resolved, state)
+            return _deny(spans, call, started, attributes, resolved, state)
         endpoints = resolved.endpoints
         callee = resolved.agent.spiffe_id
-        span.set_attribute(ATTR.CALLEE, str(callee))
+        attributes[ATTR.CALLEE] = str(callee)
         endpoint = endpoints[next(self._rr) % len(endpoints)]
-        upstream = Upstream(endpoint.address, callee)
+        address = endpoint.address
+        upstream = self._upstream(address, callee)
+        # The chain's hops carry the span's trace ID, so the span starts here.
+        span = spans.start(call, started, attributes)
         outgoing = chains.outbound_chain(state, call.headers, callee, call.method, span)
         if isinstance(outgoing, Decision):
             _audit("outbound", me, target, call.method, outgoing)
-            return _deny(span, outgoing, state)
-        span.set_attribute(ATTR.DECISION, "allow")
-        span.set_attribute(ATTR.REASON, Reason.ALLOWED.value)
-        span.set_attribute("server.address", endpoint.address)
+            return _end_denied(span, outgoing, state)
+        span.set_attributes(
+            {
+                ATTR.DECISION: "allow",
+                ATTR.REASON: Reason.ALLOWED.value,
+                "server.address": address,
+            }
+        )
         state.counters.allowed += 1
         self._inflight += 1
         peer_headers = hdr.for_peer(
