@@ -107,6 +107,18 @@ async def _run(channel: grpc.aio.Channel, metadata: list[tuple[str, str]], n: in
     return out
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (Linux /proc; 0 elsewhere)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
@@ -165,6 +177,7 @@ async def main_async(
             paths: dict[str, tuple[grpc.aio.Channel, list[tuple[str, str]]]] = {
                 "direct": (grpc.aio.insecure_channel(app), [])
             }
+            pids: dict[str, list[int]] = {"direct": []}
             meshes_wanted: list[tuple[str, str, Path | None]] = [
                 *([("mesh-grpc", "grpc", None)] if grpc_engine else []),
                 ("mesh-h2", "h2", None),
@@ -173,6 +186,7 @@ async def main_async(
             for name, engine, tree in meshes_wanted:
                 mesh, outbound = await _mesh(Path(tmp) / name, app, engine, site, tree)
                 meshes.append(mesh)
+                pids[name] = [sc.process.pid for sc in mesh.sidecars.values()]
                 paths[name] = (
                     grpc.aio.insecure_channel(outbound),
                     [("trustmesh-target", "server")],
@@ -183,10 +197,21 @@ async def main_async(
             for r in range(rounds):
                 for name in rotate(list(paths), r):  # the order rotates round by round
                     ch, md = paths[name]
+                    cpu = _cpu_seconds(pids[name])
                     lat = await _run(ch, md, calls)
+                    cpu_seq = _cpu_seconds(pids[name]) - cpu
                     rate = await _throughput(ch, md, tput_calls, inflight)
+                    cpu_tput = _cpu_seconds(pids[name]) - cpu - cpu_seq
                     rows[name].append(
-                        {"p50": statistics.median(lat), "p99": _pct(lat, 0.99), "rps": rate}
+                        {
+                            "p50": statistics.median(lat),
+                            "p99": _pct(lat, 0.99),
+                            "rps": rate,
+                            # CPU of the path's sidecar processes per call (both
+                            # sidecars together): steadier than latency on a busy host.
+                            "cpu_us": cpu_seq / calls * 1e6,
+                            "cpu_us_tput": cpu_tput / tput_calls * 1e6,
+                        }
                     )
             for ch, _ in paths.values():
                 await ch.close()
@@ -204,12 +229,15 @@ async def main_async(
         "python": platform.python_version(),
     }
     for name, values in rows.items():
-        summary[name] = {k: statistics.median(r[k] for r in values) for k in ("p50", "p99", "rps")}
+        summary[name] = {
+            k: statistics.median(r[k] for r in values)
+            for k in ("p50", "p99", "rps", "cpu_us", "cpu_us_tput")
+        }
     direct = summary["direct"]
     lines = [
         "| path | p50 (ms) | p99 (ms) | calls/s at 32 in flight | p50 / direct "
-        "| p99 / direct | throughput / direct |",
-        "|---|---|---|---|---|---|---|",
+        "| p99 / direct | throughput / direct | sidecar CPU µs/call (sequential, 32 in flight) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in rows:
         s = summary[name]
@@ -218,7 +246,8 @@ async def main_async(
         s["ratio_rps"] = s["rps"] / direct["rps"]
         lines.append(
             f"| {name} | {s['p50']:.3f} | {s['p99']:.3f} | {s['rps']:.0f} | "
-            f"{s['ratio_p50']:.2f}x | {s['ratio_p99']:.2f}x | {s['ratio_rps']:.2f}x |"
+            f"{s['ratio_p50']:.2f}x | {s['ratio_p99']:.2f}x | {s['ratio_rps']:.2f}x | "
+            f"{s['cpu_us']:.0f}, {s['cpu_us_tput']:.0f} |"
         )
     table = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -179,16 +179,16 @@ def authorize(
     _require_aware(now)
     if not snapshot.ready:
         return Decision.deny(Reason.NO_SNAPSHOT, "no registry snapshot yet; denying all calls")
-    context = f" (call {method} from '{caller}' to '{callee}')"
     caller_view = snapshot.agent_by_id(caller)
-    denied = _check_agent("caller", caller, caller_view, now, context)
-    if denied is not None:
-        return denied
     callee_view = snapshot.agent_by_id(callee)
-    denied = _check_agent("callee", callee, callee_view, now, context)
-    if denied is not None:
+    if not (_active(caller_view, now) and _active(callee_view, now)):
+        context = f" (call {method} from '{caller}' to '{callee}')"
+        denied = _check_agent("caller", caller, caller_view, now, context)
+        if denied is None:
+            denied = _check_agent("callee", callee, callee_view, now, context)
+        assert denied is not None  # one of the two is not active
         return denied
-    assert caller_view is not None and callee_view is not None  # checked just above
+    assert caller_view is not None and callee_view is not None  # both active
     cache = decision_cache(snapshot)
     key = (caller, callee, method)
     generation = snapshot.generation
@@ -197,6 +197,15 @@ def authorize(
         decision = _snapshot_decision(caller_view, callee_view, method, snapshot)
         cache.put(generation, key, decision)
     return decision
+
+
+def _active(agent: AgentView | None, now: datetime) -> bool:
+    """Registered, not disabled, not expired: what `_check_agent` lets through."""
+    return (
+        agent is not None
+        and not agent.disabled
+        and (agent.expires_at is None or not agent.expired(now))
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -187,6 +187,7 @@ class _State:
 
 
 _Op = Callable[[_State], None]
+_ONWARD_MAX = 4096
 
 
 def _endpoint(msg: pb.Endpoint) -> tuple[SpiffeId, pb.Endpoint]:
@@ -260,6 +261,9 @@ class Snapshot:
         self._revision = 0
         self._generation = 0
         self._ready = False
+        # can_delegate_onward answers for this generation: id(agent) -> (agent, answer)
+        self._onward: dict[int, tuple[AgentView, bool]] = {}
+        self._onward_generation = -1
 
     # -- updates ------------------------------------------------------------------
 
@@ -365,5 +369,17 @@ class Snapshot:
     def can_delegate_onward(self, agent: AgentView) -> bool:
         """True when some DelegationPolicy could accept a chain in which `agent` issues
         a hop after the first: only then must the hop addressed to it be signed."""
+        if self._onward_generation != self._generation:
+            self._onward.clear()
+            self._onward_generation = self._generation
+        found = self._onward.get(id(agent))
+        if found is not None and found[0] is agent:
+            return found[1]
         st = self._state
-        return bool(st.anyone_forwards) or bool(st.forwarders.lookup(agent))
+        answer = bool(st.anyone_forwards) or bool(st.forwarders.lookup(agent))
+        # Memoized per generation (every applied update starts afresh), keyed by the
+        # view itself: a sidecar asks about the same few agents call after call.
+        if len(self._onward) >= _ONWARD_MAX:
+            self._onward.clear()
+        self._onward[id(agent)] = (agent, answer)
+        return answer

@@ -9,6 +9,7 @@ Spans never carry keys, tokens or message payloads.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import DEFAULT_ON
 from opentelemetry.sdk.trace.sampling import Decision as SamplingDecision
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -36,6 +38,7 @@ __all__ = [
     "otlp_requested",
     "span_seen",
     "split_method",
+    "start_call_span",
     "start_span",
 ]
 
@@ -230,6 +233,84 @@ def _unseen_span(
         trace_state=sampling.trace_state,
     )
     return trace.NonRecordingSpan(span_context)
+
+
+# A version-00 traceparent in its plain form; anything else takes the propagator's path.
+_PLAIN_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_NOT_PLAIN = (0, 0)  # (a trace ID of 0 is never valid)
+
+
+def _plain_parent(headers: Headers) -> tuple[int, int] | None:
+    """(trace ID, flags) of a call's only trace header, a plain valid traceparent;
+    None when the call has no trace header; `_NOT_PLAIN` for anything else."""
+    found: str | bytes | None = None
+    for key, value in headers:
+        if key in _PROPAGATION_FIELDS:
+            if key != "traceparent" or found is not None:
+                return _NOT_PLAIN
+            found = value
+    if found is None:
+        return None
+    match = _PLAIN_TRACEPARENT.fullmatch(found) if isinstance(found, str) else None
+    if match is None:
+        return _NOT_PLAIN
+    trace_id, span_id = int(match.group(1), 16), int(match.group(2), 16)
+    if trace_id == 0 or span_id == 0:
+        return _NOT_PLAIN
+    return trace_id, int(match.group(3), 16)
+
+
+def start_call_span(
+    tracer: trace.Tracer,
+    name: str,
+    *,
+    kind: trace.SpanKind,
+    headers: Headers,
+    attributes: Mapping[str, Any],
+    start_time: int | None = None,
+) -> trace.Span:
+    """A call's span, child of the trace context in the call's `headers`.
+
+    As `start_span(..., context=extract_context(headers))`. When no one sees the span
+    and the SDK defaults are in place (ParentBased(ALWAYS_ON) sampler, tracecontext +
+    baggage propagators) and the call carries at most a plain traceparent, the span's
+    context is computed directly: the parent's trace ID and sampled flag (a new trace,
+    sampled, without a parent), and a new span ID.
+    """
+    if (
+        isinstance(tracer, sdk_trace.Tracer)
+        and tracer.sampler is DEFAULT_ON
+        and not span_seen(tracer)
+        and _default_tracecontext() is not None
+        and getattr(tracer, "_is_enabled", _enabled)()
+    ):
+        parent = _plain_parent(headers)
+        if parent is None or parent[0] != 0:
+            ids = tracer.id_generator
+            if parent is None:
+                trace_id = ids.generate_trace_id()
+                is_random = getattr(ids, "is_trace_id_random", None)
+                random_bit = _RANDOM_TRACE_ID if is_random is not None and is_random() else 0
+                flags = trace.TraceFlags.SAMPLED | random_bit
+            else:
+                trace_id, parent_flags = parent
+                flags = parent_flags & (trace.TraceFlags.SAMPLED | _RANDOM_TRACE_ID)
+            span_context = trace.SpanContext(
+                trace_id, ids.generate_span_id(), is_remote=False, trace_flags=trace.TraceFlags(flags)
+            )
+            return trace.NonRecordingSpan(span_context)
+    return start_span(
+        tracer,
+        name,
+        kind=kind,
+        context=extract_context(headers),
+        attributes=attributes,
+        start_time=start_time,
+    )
+
+
+def _enabled() -> bool:
+    return True
 
 
 def otlp_requested() -> bool:

@@ -12,6 +12,7 @@ Open inbound calls are kept so that a revocation ends streams already open.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -24,19 +25,14 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from trustmesh.authz import authorize, resolve_target
+from trustmesh.authz import Target, authorize, resolve_target
 from trustmesh.decision import Decision, Reason
 from trustmesh.errors import Code, PeerAuthenticationError, format_details, parse_details
 from trustmesh.limits import DEFAULT_LIMITS, Limits
 from trustmesh.resources import is_grpc_method
+from trustmesh.snapshot import Snapshot
 from trustmesh.spiffe_id import SpiffeId
-from trustmesh.telemetry import (
-    ATTR,
-    extract_context,
-    inject_context,
-    split_method,
-    start_span,
-)
+from trustmesh.telemetry import ATTR, inject_context, split_method, start_call_span
 from trustmesh_sidecar import chains
 from trustmesh_sidecar import headers as hdr
 from trustmesh_sidecar.engine import (
@@ -86,15 +82,44 @@ def _audit_line(side: str, caller: str, callee: str, method: str, decision: Deci
     return line
 
 
-def _audit(side: str, caller: str, callee: str, method: str, decision: Decision) -> None:
-    """One JSON line per decision on the `trustmesh.audit` logger, at INFO."""
-    if audit.isEnabledFor(logging.INFO):
+class _Audit:
+    """One JSON line per decision on the `trustmesh.audit` logger, at INFO.
+
+    The record is made when the decision is (its time is the decision's), and handed
+    to the logger's handlers once the current event-loop callback is done, in order:
+    writing it (a syscall per line) then overlaps the forwarded call instead of
+    delaying it. Each router has its own queue, on its own loop. Without a running
+    loop, or for a queue left behind by a loop that stopped, records are written at once.
+    """
+
+    __slots__ = ("_loop", "_records")
+
+    def __init__(self) -> None:
+        self._records: list[logging.LogRecord] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __call__(self, side: str, caller: str, callee: str, method: str, decision: Decision) -> None:
+        if not audit.isEnabledFor(logging.INFO):
+            return
         line = _audit_line(side, caller, callee, method, decision)
-        # Logger.info without its stack walk for the caller's file and line: the
-        # record names this function instead, and goes through the same handle().
-        audit.handle(
-            audit.makeRecord(audit.name, logging.INFO, __file__, 0, line, (), None, "_audit")
-        )
+        # Logger.info's record, without its stack walk for the caller's file and line.
+        record = audit.makeRecord(audit.name, logging.INFO, __file__, 0, line, (), None, "_audit")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            audit.handle(record)
+            return
+        if not self._records or self._loop is not loop:
+            self.flush()  # (a batch whose loop never ran it: write it now)
+            loop.call_soon(self.flush)
+            self._loop = loop
+        self._records.append(record)
+
+    def flush(self) -> None:
+        records, self._records = self._records, []
+        for record in records:
+            audit.handle(record)
 
 
 class _SpanObserver:
@@ -167,11 +192,11 @@ class _Spans:
         name, base = self._per_method(call.method)
         attributes.update(base)
         attributes[ATTR.PEER_ADDRESS] = call.peer_address
-        return start_span(
+        return start_call_span(
             self._tracer,
             name,
             kind=self._kind,
-            context=extract_context(call.headers),
+            headers=call.headers,
             attributes=attributes,
             start_time=start_time,
         )
@@ -238,6 +263,7 @@ class InboundRouter:
         self._app = Upstream(app_address, None)
         self._tracer = tracer
         self._spans = _Spans(tracer, SpanKind.SERVER, "inbound")
+        self._audit = _Audit()
         self._limits = limits
         self._open: dict[int, _Open] = {}
         self._ids = itertools.count()
@@ -258,17 +284,17 @@ class InboundRouter:
                 else Reason.PEER_UNAUTHENTICATED
             )
             decision = Decision.deny(reason, e.message)
-            _audit("inbound", "", me, call.method, decision)
+            self._audit("inbound", "", me, call.method, decision)
             return _deny(spans, call, started, {ATTR.CALLEE: me}, decision, state)
         caller_text = str(caller)
         attributes: dict[str, Any] = {ATTR.CALLEE: me, ATTR.CALLER: caller_text}
         decision = self._decide(caller, call.method, now)
-        _audit("inbound", caller_text, me, call.method, decision)
+        self._audit("inbound", caller_text, me, call.method, decision)
         if not decision.allowed:
             return _deny(spans, call, started, attributes, decision, state)
         checked = chains.inbound_chain(state, call.headers, caller, call.method)
         if not checked.allowed:
-            _audit("inbound", caller_text, me, call.method, checked.decision)
+            self._audit("inbound", caller_text, me, call.method, checked.decision)
             return _deny(spans, call, started, attributes, checked.decision, state)
         state.counters.allowed += 1
         attributes[ATTR.DECISION] = "allow"
@@ -321,7 +347,7 @@ class InboundRouter:
                     state, with_chain, entry.caller, entry.method, at=entry.started
                 ).decision
             if not decision.allowed:
-                _audit("inbound", str(entry.caller), str(state.spiffe_id), entry.method, decision)
+                self._audit("inbound", str(entry.caller), str(state.spiffe_id), entry.method, decision)
                 state.counters.denied += 1
                 self._open.pop(key, None)
                 entry.control.abort(
@@ -345,7 +371,9 @@ class OutboundRouter:
         self._state = state
         self._tracer = tracer
         self._spans = _Spans(tracer, SpanKind.CLIENT, "outbound")
+        self._audit = _Audit()
         self._upstreams: dict[tuple[str, SpiffeId], Upstream] = {}
+        self._targets: dict[str, tuple[Snapshot, int, Target, datetime | None]] = {}
         self._explain = explain
         self._limits = limits
         self._rr = itertools.count()
@@ -354,7 +382,29 @@ class OutboundRouter:
     def _done(self) -> None:
         self._inflight -= 1
 
-    def _self_revoked(self) -> Decision | None:
+    def _resolve(self, target: str, now: datetime) -> Target | Decision:
+        """`resolve_target` against the current snapshot, memoized per target for as
+        long as the snapshot stays at the same generation (every applied update, a
+        revocation too, moves it on) and the target agent has not reached its expiry."""
+        snapshot = self._state.snapshot
+        generation = snapshot.generation
+        found = self._targets.get(target)
+        if found is not None:
+            seen, seen_generation, resolved, horizon = found
+            if seen is snapshot and seen_generation == generation and (
+                horizon is None or now < horizon
+            ):
+                return resolved
+        result = resolve_target(target, snapshot, now=now)
+        if isinstance(result, Target):
+            if len(self._targets) >= self._MAX_TARGETS:
+                self._targets.clear()
+            self._targets[target] = (snapshot, generation, result, result.agent.expires_at)
+        return result
+
+    _MAX_TARGETS = 1024
+
+    def _self_revoked(self, now: datetime) -> Decision | None:
         """A disabled or expired agent is stopped at its own sidecar too.
 
         (Callees enforce this anyway; refusing at the source also covers peers that
@@ -368,7 +418,7 @@ class OutboundRouter:
         if me.disabled:
             reason = f": {me.disabled_reason}" if me.disabled_reason else ""
             return Decision.deny(Reason.AGENT_DISABLED, f"this agent ({me.name}) is disabled{reason}")
-        if me.expired(state.now()):
+        if me.expired(now):
             return Decision.deny(Reason.AGENT_EXPIRED, f"this agent ({me.name}) has expired")
         return None
 
@@ -404,16 +454,17 @@ class OutboundRouter:
             decision = Decision.deny(
                 Reason.LIMIT_EXCEEDED, f"more than {self._limits.max_inflight_calls} calls in flight"
             )
+        now = state.now()
         if decision is None:
-            decision = self._self_revoked()
+            decision = self._self_revoked(now)
         if decision is not None:
-            _audit("outbound", me, str(target or ""), call.method, decision)
+            self._audit("outbound", me, str(target or ""), call.method, decision)
             return _deny(spans, call, started, attributes, decision, state)
         assert isinstance(target, str)
         attributes[ATTR.TARGET] = target[:256]
-        resolved = resolve_target(target, state.snapshot, now=state.now())
+        resolved = self._resolve(target, now)
         if isinstance(resolved, Decision):
-            _audit("outbound", me, target, call.method, resolved)
+            self._audit("outbound", me, target, call.method, resolved)
             return _deny(spans, call, started, attributes, resolved, state)
         endpoints = resolved.endpoints
         callee = resolved.agent.spiffe_id
@@ -425,7 +476,7 @@ class OutboundRouter:
         span = spans.start(call, started, attributes)
         outgoing = chains.outbound_chain(state, call.headers, callee, call.method, span)
         if isinstance(outgoing, Decision):
-            _audit("outbound", me, target, call.method, outgoing)
+            self._audit("outbound", me, target, call.method, outgoing)
             return _end_denied(span, outgoing, state)
         span.set_attributes(
             {

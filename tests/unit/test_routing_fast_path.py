@@ -1,0 +1,332 @@
+"""The routers' per-call shortcuts keep their meaning: a decision from the current
+snapshot on every call, audit lines, spans when someone records them, and the same
+trace context whether or not anyone does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+from opentelemetry import baggage, propagate, trace
+from opentelemetry import context as otel_context
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from trustmesh import telemetry
+from trustmesh.errors import Code
+from trustmesh.spiffe_id import SpiffeId
+from trustmesh.v1 import registry_pb2 as rpb
+from trustmesh.v1 import resources_pb2 as pb
+from trustmesh.x509svid import BundleSet, TrustBundle
+from trustmesh_sidecar import headers as hdr
+from trustmesh_sidecar.engine import CallStart, Forward, Reject
+from trustmesh_sidecar.routing import InboundRouter, OutboundRouter
+from trustmesh_sidecar.state import SidecarState
+
+from certs import NOW, der, issue, make_ca
+
+TD = "spiffe://example.org/agents/"
+METHOD = "/bench.Echo/Unary"
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def sid(name: str) -> SpiffeId:
+    return SpiffeId.parse(TD + name)
+
+
+def put_agent(name: str, *, disabled: bool = False, expires: datetime | None = None) -> rpb.Change:
+    return rpb.Change(
+        put_agent=pb.Agent(
+            name=name,
+            spiffe_id=TD + name,
+            blueprint="bench",
+            sponsor="ops@example.org",
+            expires_at=int(expires.timestamp()) if expires else 0,
+            state=pb.AGENT_STATE_DISABLED if disabled else pb.AGENT_STATE_ACTIVE,
+            disabled_reason="revoked" if disabled else "",
+        )
+    )
+
+
+def full_snapshot() -> rpb.SnapshotUpdate:
+    return rpb.SnapshotUpdate(
+        epoch="e",
+        revision=1,
+        full=True,
+        changes=[
+            rpb.Change(put_blueprint=pb.AgentBlueprint(name="bench", allowed_methods=["/bench.Echo/*"])),
+            put_agent("client"),
+            put_agent("server", expires=NOW + timedelta(minutes=10)),
+            rpb.Change(
+                put_policy=pb.AccessPolicy(
+                    name="bench",
+                    callers=[pb.Selector(name="client")],
+                    callees=[pb.Selector(name="server")],
+                    methods=["/bench.Echo/*"],
+                )
+            ),
+            rpb.Change(
+                put_endpoint=pb.Endpoint(
+                    spiffe_id=TD + "server", instance_id="i1", address="127.0.0.1:7001"
+                )
+            ),
+        ],
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class Control:
+    def __init__(self) -> None:
+        self.aborted: list[tuple[Code, str]] = []
+
+    def abort(self, code: Code, details: str) -> None:
+        self.aborted.append((code, details))
+
+
+class Side:
+    """One sidecar's state on a snapshot every test changes by deltas."""
+
+    def __init__(self, me: str, clock: Clock) -> None:
+        self.ca = make_ca()
+        svid = issue(self.ca, sid(me))
+        bundles = BundleSet.of(TrustBundle(self.ca.trust_domain, (self.ca.cert,)))
+        self.state = SidecarState(sid(me), svid, bundles, clock=clock)
+        assert self.state.snapshot.apply(full_snapshot())
+        self.state.snapshot_applied()
+        self.revision = 1
+
+    def apply(self, *changes: rpb.Change) -> None:
+        update = rpb.SnapshotUpdate(
+            epoch="e", revision=self.revision + 1, base_revision=self.revision, changes=changes
+        )
+        assert self.state.snapshot.apply(update)
+        self.revision += 1
+        self.state.snapshot_applied()
+
+
+@pytest.fixture
+def audit_lines() -> Iterator[list[dict[str, object]]]:
+    lines: list[dict[str, object]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(record.getMessage()))
+
+    logger = logging.getLogger("trustmesh.audit")
+    handler = Collect()
+    saved = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+
+
+def outbound_call(target: str = "server", *extra: tuple[str, str]) -> CallStart:
+    headers = (("content-type", "application/grpc"), ("trustmesh-target", target), *extra)
+    return CallStart(METHOD, headers, "local", (), None)
+
+
+def test_outbound_decides_every_call_against_the_current_snapshot() -> None:
+    clock = Clock()
+    side = Side("client", clock)
+    router = OutboundRouter(side.state, TracerProvider().get_tracer("t"), lambda _u: None)
+    first = router.route(outbound_call(), Control())
+    assert isinstance(first, Forward) and first.upstream.expected_id == sid("server")
+    second = router.route(outbound_call(), Control())
+    assert isinstance(second, Forward) and second.upstream is first.upstream
+    side.apply(put_agent("server", disabled=True))
+    denied = router.route(outbound_call(), Control())
+    assert isinstance(denied, Reject) and "agent_disabled" in denied.details
+    side.apply(put_agent("server", expires=NOW + timedelta(minutes=10)))
+    assert isinstance(router.route(outbound_call(), Control()), Forward)
+    clock.now = NOW + timedelta(minutes=10)  # the target expires, no update needed
+    expired = router.route(outbound_call(), Control())
+    assert isinstance(expired, Reject) and "agent_expired" in expired.details
+
+
+def test_inbound_revocation_and_audit_lines(audit_lines: list[dict[str, object]]) -> None:
+    clock = Clock()
+    side = Side("server", clock)
+    router = InboundRouter(side.state, "127.0.0.1:9", TracerProvider().get_tracer("t"))
+    chain = der(*issue(side.ca, sid("client")).cert_chain)
+    call = CallStart(METHOD, (("traceparent", TRACEPARENT),), "ipv4:127.0.0.1:1", chain, None)
+    allowed = router.route(call, Control())
+    assert isinstance(allowed, Forward)
+    assert hdr.value_of(allowed.headers, hdr.CALLER) == TD + "client"
+    allowed.observer.finished(Code.OK, "")
+    side.apply(put_agent("client", disabled=True))
+    denied = router.route(call, Control())
+    assert isinstance(denied, Reject) and "agent_disabled" in denied.details
+    # Outside an event loop the lines are written at once, one per decision.
+    assert [(a["side"], a["decision"], a["reason"]) for a in audit_lines] == [
+        ("inbound", "allow", "allowed"),
+        ("inbound", "deny", "agent_disabled"),
+    ]
+    assert audit_lines[0]["caller"] == TD + "client" and audit_lines[0]["policy"] == "bench"
+
+
+def test_audit_lines_in_a_loop_are_written_right_after_the_callback(
+    audit_lines: list[dict[str, object]],
+) -> None:
+    side = Side("client", Clock())
+    router = OutboundRouter(side.state, TracerProvider().get_tracer("t"), lambda _u: None)
+
+    async def calls() -> list[int]:
+        seen = []
+        for target in ("nobody", "server", "nobody"):
+            router.route(outbound_call(target), Control())
+            seen.append(len(audit_lines))
+        await asyncio.sleep(0)
+        seen.append(len(audit_lines))
+        return seen
+
+    # Two denials (an unknown target); allowed outbound calls are not audited here.
+    assert asyncio.run(calls()) == [0, 0, 0, 2]
+    assert [a["reason"] for a in audit_lines] == ["unknown_target", "unknown_target"]
+    # A batch left behind by a loop that stopped is written by the next decision.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.sleep(0))
+
+        async def one() -> None:
+            router.route(outbound_call("nobody"), Control())
+
+        loop.run_until_complete(one())
+    finally:
+        loop.close()
+    assert len(audit_lines) == 3
+
+
+def test_spans_are_recorded_when_a_processor_is_installed_later() -> None:
+    side = Side("client", Clock())
+    provider = TracerProvider()
+    router = OutboundRouter(side.state, provider.get_tracer("t"), lambda _u: None)
+    call = outbound_call("server", ("traceparent", TRACEPARENT))
+    unseen = router.route(call, Control())
+    assert isinstance(unseen, Forward)
+    sent = hdr.value_of(unseen.headers, "traceparent")
+    assert isinstance(sent, str) and sent.split("-")[1] == TRACEPARENT.split("-")[1]
+    assert sent.split("-")[2] != TRACEPARENT.split("-")[2]  # a new span ID
+    assert sent.endswith("-01")  # the parent's sampled flag, as the SDK's sampler gives
+
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    seen = router.route(call, Control())
+    assert isinstance(seen, Forward)
+    seen.observer.finished(Code.OK, "")
+    (span,) = exporter.get_finished_spans()
+    assert span.kind is trace.SpanKind.CLIENT
+    attrs = dict(span.attributes or {})
+    assert attrs["trustmesh.decision"] == "allow" and attrs["trustmesh.callee.spiffe_id"] == (
+        TD + "server"
+    )
+    assert attrs["rpc.service"] == "bench.Echo" and attrs["server.address"] == "127.0.0.1:7001"
+    assert span.context is not None and span.parent is not None
+    assert f"{span.context.trace_id:032x}" == TRACEPARENT.split("-")[1]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (),
+        (("a", "b"),),
+        (("traceparent", TRACEPARENT),),
+        (("traceparent", TRACEPARENT), ("tracestate", "k=v")),
+        (("traceparent", TRACEPARENT), ("baggage", "k=v")),
+        (("traceparent", "garbage"),),
+        (("traceparent", TRACEPARENT.encode()),),
+        (("Traceparent", TRACEPARENT),),
+        (("traceparent", TRACEPARENT), ("traceparent", TRACEPARENT.replace("4bf9", "1111"))),
+    ],
+)
+def test_trace_context_shortcuts_match_the_propagators(headers: tuple[tuple[str, str], ...]) -> None:
+    fast = telemetry.extract_context(headers)
+    full = propagate.extract(headers, getter=telemetry._GETTER)
+    fast_parent = trace.get_current_span(fast).get_span_context()
+    assert fast_parent == trace.get_current_span(full).get_span_context()
+    assert baggage.get_all(fast) == baggage.get_all(full)
+    span = TracerProvider().get_tracer("t").start_span("s", context=fast)
+    incoming = (("k", "v"), ("traceparent", "old"), ("tracestate", "old=1"))
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    expected = [("k", "v"), *carrier.items()]
+    assert telemetry.inject_context(incoming, span) == expected
+
+
+def test_inject_keeps_baggage_from_the_current_context() -> None:
+    token = otel_context.attach(baggage.set_baggage("user", "x"))
+    try:
+        span = TracerProvider().get_tracer("t").start_span("s")
+        headers = dict(telemetry.inject_context((), span))
+    finally:
+        otel_context.detach(token)
+    assert headers["baggage"] == "user=x" and "traceparent" in headers
+
+
+def test_unseen_spans_follow_the_sampler() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    tracer = TracerProvider(sampler=ALWAYS_OFF).get_tracer("t")
+    assert not telemetry.span_seen(tracer)
+    span = telemetry.start_span(
+        tracer, "s", kind=trace.SpanKind.SERVER, context=None, attributes={}
+    )
+    context = span.get_span_context()
+    assert context.is_valid and not context.trace_flags.sampled and not span.is_recording()
+
+
+def test_header_filter_keeps_the_tuple_when_nothing_is_dropped() -> None:
+    kept = (("x-app", "1"), ("other-bin", b"\x00"))
+    assert hdr.kept(kept) is kept
+    mixed = (("x-app", "1"), ("Trustmesh-Caller", "forged"), ("grpc-status", "0"), (":path", "/"))
+    assert hdr.kept(mixed) == (("x-app", "1"),)
+    assert hdr.strip_reserved(mixed) == [("x-app", "1")]
+    assert hdr.value_of((("Trustmesh-Target", "a"),), hdr.TARGET) == "a"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (),
+        (("traceparent", TRACEPARENT),),
+        (("traceparent", TRACEPARENT[:-2] + "00"),),  # parent not sampled
+        (("traceparent", TRACEPARENT[:-2] + "03"),),  # sampled, random trace ID
+        (("traceparent", " " + TRACEPARENT),),
+        (("traceparent", "01-" + TRACEPARENT[3:] + "-extra"),),
+        (("traceparent", TRACEPARENT.replace("00f067aa0ba902b7", "0" * 16)),),
+        (("traceparent", TRACEPARENT), ("tracestate", "k=v")),
+        (("traceparent", TRACEPARENT.encode()),),
+    ],
+)
+def test_call_span_shortcut_matches_the_sdk(headers: tuple[tuple[str, str], ...]) -> None:
+    tracer = TracerProvider().get_tracer("t")
+    assert not telemetry.span_seen(tracer)
+    fast = telemetry.start_call_span(
+        tracer, "s", kind=trace.SpanKind.SERVER, headers=headers, attributes={}
+    ).get_span_context()
+    seen = TracerProvider()
+    seen.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    sdk = seen.get_tracer("t").start_span(
+        "s", kind=trace.SpanKind.SERVER, context=telemetry.extract_context(headers)
+    ).get_span_context()
+    assert fast.is_valid and not fast.is_remote
+    assert fast.trace_flags == sdk.trace_flags
+    assert fast.trace_state == sdk.trace_state
+    parent = trace.get_current_span(telemetry.extract_context(headers)).get_span_context()
+    if parent.is_valid:
+        assert fast.trace_id == sdk.trace_id == parent.trace_id
