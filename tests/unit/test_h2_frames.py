@@ -142,6 +142,18 @@ def test_encoders_round_trip() -> None:
     ]
 
 
+def test_frames_are_sliced_from_any_buffer_type_and_split_points() -> None:
+    wire = f.headers_frames(1, b"\x82", False, 16384) + f.data_frame(1, b"x" * 100, True)
+    expected = [f.HeaderBlock(1, b"\x82", False), f.DataFrame(1, b"x" * 100, True, 100)]
+    for kind in (bytes, bytearray, memoryview):
+        events = decode(kind(wire))  # type: ignore[arg-type]
+        assert events == expected
+        assert all(type(e.data if isinstance(e, f.DataFrame) else e.block) is bytes for e in events)
+    for cut in range(len(wire)):
+        dec = FrameDecoder(expect_preface=False)
+        assert dec.feed(wire[:cut]) + dec.feed(wire[cut:]) == expected
+
+
 # -- fuzzing the decoder -------------------------------------------------------------------
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

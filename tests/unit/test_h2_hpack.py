@@ -17,7 +17,13 @@ from hypothesis import strategies as st
 from trustmesh.errors import Code
 from trustmesh_sidecar.h2 import grpc_wire as wire
 from trustmesh_sidecar.h2.call import MessageMeter
-from trustmesh_sidecar.h2.hpack_cache import HeaderDecoder, HeaderEncoder, HeaderError
+from trustmesh_sidecar.h2.hpack_cache import (
+    SENSITIVE,
+    VOLATILE,
+    HeaderDecoder,
+    HeaderEncoder,
+    HeaderError,
+)
 
 names = st.sampled_from([b"content-type", b"x-a", b"x-b", b"grpc-timeout", b"traceparent",
                          b":path", b"trustmesh-user-token", b"x-long-name-" + b"n" * 40])
@@ -83,6 +89,27 @@ def test_volatile_fields_do_not_enter_the_table() -> None:
     dec.decode(first)
     dec.decode(second)
     assert [n for n, _ in dec.header_table.dynamic_entries] == [b"x-a"]
+
+
+@pytest.mark.parametrize("name", sorted(VOLATILE | SENSITIVE))
+@pytest.mark.parametrize("length", [0, 1, 126, 127, 128, 255, 300, 20_000])
+def test_volatile_and_sensitive_fields_are_never_indexed_literals(name: bytes, length: int) -> None:
+    enc, dec = HeaderEncoder(), hpack.Decoder()
+    dec.max_header_list_size = 1 << 20
+    value = b"v" * length
+    for _ in range(2):  # never served from a cache, never added to the table
+        got = dec.decode(enc.encode([(name, value), (b"x-a", b"1")]), raw=True)
+        assert [(bytes(n), bytes(v)) for n, v in got] == [(name, value), (b"x-a", b"1")]
+        assert isinstance(got[0], hpack.NeverIndexedHeaderTuple)
+    assert [n for n, _ in dec.header_table.dynamic_entries] == [b"x-a"]
+
+
+def test_indexed_fields_beyond_the_table_are_compression_errors() -> None:
+    dec = HeaderDecoder(hard_limit=4096)
+    for block in (b"\x80", b"\xbe", b"\xff\x00", b"\xff\x80\x01"):  # 0, 62, 127, 255
+        with pytest.raises(HeaderError):
+            dec.decode(block)
+    assert dec.decode(b"\xbd")[0] == ((b"www-authenticate", b""),)  # 61: last static entry
 
 
 # -- gRPC wire ----------------------------------------------------------------------------

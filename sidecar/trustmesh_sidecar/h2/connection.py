@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,41 @@ CONNECTION_LOST = -1
 
 # Server role: called with each new stream's request headers; sets stream.handler.
 RequestHandler = Callable[["H2Connection", Stream, RawHeaders, int, bool], None]
+
+
+class _WriteBatch:
+    """Writes one connection's received bytes cause on other connections (a request
+    relayed upstream, a response relayed downstream) are flushed when that
+    `data_received` returns, in the same loop iteration, instead of through one
+    `call_soon` per connection. One per event loop."""
+
+    __slots__ = ("active", "dirty")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.dirty: list[H2Connection] = []
+
+    def flush(self) -> None:
+        dirty = self.dirty
+        while dirty:
+            conn = dirty.pop()
+            try:
+                conn._flush_out()
+            except Exception:
+                log.exception("h2 %s: write failed", conn.peer_address)
+                conn.abort()
+
+
+_BATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WriteBatch] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _batch_of(loop: asyncio.AbstractEventLoop) -> _WriteBatch:
+    batch = _BATCHES.get(loop)
+    if batch is None:
+        batch = _BATCHES[loop] = _WriteBatch()
+    return batch
 
 
 class H2Connection(FrameReceiver, asyncio.Protocol):
@@ -99,6 +135,7 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
         self._blocked: dict[Stream, None] = {}
         self._out: list[bytes] = []
         self._flush_pending = False
+        self._batch = _batch_of(self._loop)
         self._receiving = False
         # Lifecycle: draining = no new streams; goaway_last = highest stream we'll serve.
         self.closed = False
@@ -166,6 +203,9 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
             self._early.append(data)
             return
         self._receiving = True
+        batch = self._batch
+        outer = not batch.active
+        batch.active = True
         try:
             for event in self._decoder.feed(data):
                 self._dispatch(event)
@@ -181,6 +221,9 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
             self._receiving = False
             if self._flush_pending:
                 self._flush_out()
+            if outer:
+                batch.active = False
+                batch.flush()
 
     def eof_received(self) -> bool | None:
         return False  # close the transport; streams end in connection_lost
@@ -309,7 +352,12 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
         self._out.append(data)
         if not self._flush_pending:
             self._flush_pending = True
-            if not self._receiving:
+            if self._receiving:
+                return  # flushed as data_received returns
+            batch = self._batch
+            if batch.active:  # another connection's bytes caused this: flushed with them
+                batch.dirty.append(self)
+            else:
                 self._loop.call_soon(self._flush_out)
 
     def _flush_out(self) -> None:

@@ -211,35 +211,52 @@ class FrameDecoder:
         return not self._preface
 
     def feed(self, data: bytes) -> list[Event]:
+        # Frames are sliced straight out of `data`; only an incomplete tail (at most one
+        # frame header and payload, or part of the preface) waits in `_buf`.
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        elif type(data) is not bytes:
+            data = bytes(data)
         pos = 0
         if self._preface:
-            n = min(len(buf), len(self._preface))
-            if buf[:n] != self._preface[:n]:
+            preface = self._preface
+            n = min(len(data), len(preface))
+            if data[:n] != preface[:n]:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "bad connection preface")
-            if n < len(self._preface):
+            if n < len(preface):
+                buf += data
                 return []
             pos = n
             self._preface = b""
         events: list[Event] = []
-        end = len(buf)
+        end = len(data)
         limit = self.max_frame_size
+        unpack = _HEADER.unpack_from
         while end - pos >= 9:
-            hi, lo, ftype, flags, sid = _HEADER.unpack_from(buf, pos)
+            hi, lo, ftype, flags, sid = unpack(data, pos)
             length = (hi << 16) | lo
             if length > limit:
                 raise ProtocolError(
                     ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds {limit}"
                 )
-            if end - pos - 9 < length:
+            start = pos + 9
+            pos = start + length
+            if pos > end:
+                pos = start - 9
                 break
-            payload = bytes(buf[pos + 9 : pos + 9 + length])
-            pos += 9 + length
-            event = self._frame(ftype, flags, sid & MAX_STREAM_ID, payload)
+            sid &= MAX_STREAM_ID
+            if ftype == DATA and not self._block_stream and sid and not flags & FLAG_PADDED:
+                # The common case, inline: no padding, not inside a header block.
+                events.append(DataFrame(sid, data[start:pos], bool(flags & FLAG_END_STREAM), length))
+                continue
+            event = self._frame(ftype, flags, sid, data[start:pos])
             if event is not None:
                 events.append(event)
-        del buf[:pos]
+        if pos < end:
+            buf += memoryview(data)[pos:]
         return events
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> Event | None:
@@ -308,9 +325,11 @@ class FrameDecoder:
             if len(payload) < 5:
                 raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS priority truncated")
             payload = payload[5:]
+        if flags & FLAG_END_HEADERS:  # a whole block in one frame: no assembly
+            if len(payload) > self._max_block:
+                raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+            return HeaderBlock(sid, payload, bool(flags & FLAG_END_STREAM))
         self._begin(sid, flags, payload)
-        if flags & FLAG_END_HEADERS:
-            return self._finish()
         return None
 
     def _begin(self, sid: int, flags: int, fragment: bytes) -> None:

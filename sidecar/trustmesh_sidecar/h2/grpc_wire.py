@@ -54,11 +54,15 @@ _UNCACHED = frozenset({b"grpc-timeout", b"traceparent", b"tracestate", b"grpc-me
 _CACHE_ENTRIES = 4096
 _IN: dict[tuple[bytes, bytes], Header] = {}
 _OUT: dict[Header, tuple[bytes, bytes] | None] = {}
+# Request pseudo-header fields (other than :path) whose values were checked.
+_PSEUDO_OK: set[tuple[bytes, bytes]] = set()
 _TIMEOUT_RE = re.compile(r"([0-9]{1,8})([HMSmun])")
 _UNIT = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
-@dataclass(frozen=True, slots=True)
+# Built per call and never changed: plain slots classes (a frozen dataclass's __init__
+# goes through object.__setattr__ for every field).
+@dataclass(slots=True)
 class Request:
     path: str
     authority: str
@@ -69,7 +73,7 @@ class Request:
     accept_encoding: bytes | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Response:
     status: int | None  # :status of an initial HEADERS; None for trailers
     metadata: Headers
@@ -124,17 +128,24 @@ def parse_request(raw: RawHeaders) -> Request:
     pseudo: dict[bytes, bytes] = {}
     metadata: list[Header] = []
     content_type = timeout = encoding = accept = None
-    for name, value in raw:
+    for field in raw:
+        name, value = field
         if name[:1] == b":":
             if metadata:
                 raise Malformed("pseudo-header after a regular header")
             if name not in _REQUEST_PSEUDO or name in pseudo:
                 raise Malformed(f"unexpected pseudo-header {name[:32]!r}")
-            if name != b":path" and not _value_ok(value):
-                raise Malformed(f"illegal value for {name.decode()}")
+            if name != b":path" and field not in _PSEUDO_OK:
+                if not _value_ok(value):
+                    raise Malformed(f"illegal value for {name.decode()}")
+                if len(_PSEUDO_OK) >= _CACHE_ENTRIES:
+                    _PSEUDO_OK.clear()
+                _PSEUDO_OK.add(field)
             pseudo[name] = value
             continue
-        header = _regular(name, value)
+        header = _IN.get(field)
+        if header is None:
+            header = _regular(name, value)
         if name == b"te" and value != b"trailers":
             raise Malformed("te other than 'trailers'")
         if name == b"content-type":
@@ -174,7 +185,8 @@ def parse_response(raw: RawHeaders, *, trailers: bool) -> Response:
     grpc_status: int | None = None
     message = ""
     details = content_type = encoding = accept = None
-    for name, value in raw:
+    for field in raw:
+        name, value = field
         if name[:1] == b":":
             if trailers or metadata or name != b":status" or status is not None:
                 raise Malformed(f"unexpected pseudo-header {name[:32]!r} in a response")
@@ -182,7 +194,9 @@ def parse_response(raw: RawHeaders, *, trailers: bool) -> Response:
                 raise Malformed("bad :status")
             status = int(value)
             continue
-        header = _regular(name, value)
+        header = _IN.get(field)
+        if header is None:
+            header = _regular(name, value)
         if name == b"grpc-status":
             grpc_status = int(value) if value.isdigit() and len(value) <= 3 else Code.UNKNOWN.value
             continue
@@ -321,10 +335,10 @@ def status_of_http(status: int) -> Code:
     return _HTTP_STATUS.get(status, Code.UNKNOWN)
 
 
+_CODES = {code.value: code for code in Code}
+
+
 def grpc_code(value: int | None) -> Code:
     if value is None:
         return Code.UNKNOWN
-    try:
-        return Code(value)
-    except ValueError:
-        return Code.UNKNOWN
+    return _CODES.get(value, Code.UNKNOWN)

@@ -38,6 +38,11 @@ VOLATILE = frozenset({b"grpc-timeout", b"traceparent", b"tracestate", b"grpc-mes
 # Fields whose values must not enter a compression context (RFC 7541 7.1.3).
 SENSITIVE = frozenset({b"authorization", b"cookie", b"trustmesh-user-token"})
 
+# Neither cached nor indexed: sent as never-indexed literals (RFC 7541 6.2.3).
+_LITERAL = VOLATILE | SENSITIVE
+_STATIC = HeaderTable.STATIC_TABLE
+_STATIC_LEN = len(_STATIC)
+
 _CACHE_ENTRIES = 512
 _HUFFMAN_ENTRIES = 2048
 _HUFFMAN_MAX_BYTES = 256  # longer strings are rare and decoded each time
@@ -123,10 +128,20 @@ class HeaderDecoder:
         while i < n:
             first = block[i]
             if first & 0x80:  # indexed field
-                index, i = _integer(block, i, 7)
-                if index == 0:
-                    raise HeaderError("indexed field with index 0")
-                field = table.get_by_index(index)
+                index = first & 0x7F
+                if index == 0x7F:
+                    index, i = _integer(block, i, 7)
+                else:
+                    i += 1
+                if index <= _STATIC_LEN:
+                    if index == 0:
+                        raise HeaderError("indexed field with index 0")
+                    field = _STATIC[index - 1]
+                else:
+                    dynamic = index - _STATIC_LEN - 1
+                    if dynamic >= len(table.dynamic_entries):
+                        raise HeaderError(f"invalid table index {index}")
+                    field = table.dynamic_entries[dynamic]
             elif first & 0xE0 == 0x20:  # dynamic table size update
                 if out:
                     raise HeaderError("table size update after a field")
@@ -190,13 +205,14 @@ class HeaderEncoder:
         if table.resized:
             out.append(enc.encode([]))  # emits the pending table size update(s)
         for field in headers:
-            name = field[0]
-            if name in VOLATILE or name in SENSITIVE:
-                out.append(enc.add(field, True, huffman=False))
-                continue
+            # Volatile and sensitive fields are never put in the cache, so a hit is
+            # always a field that may be cached.
             hit = cache.get(field)
             if hit is not None and hit[0] == table.version:
                 out.append(hit[1])
+                continue
+            if field[0] in _LITERAL:
+                out.append(_never_indexed(field[0], field[1]))
                 continue
             before = table.version
             encoded = enc.add(field, False, huffman=True)
@@ -206,3 +222,35 @@ class HeaderEncoder:
                     cache.clear()
                 cache[field] = (before, encoded)
         return b"".join(out)
+
+
+def _encode_int(value: int, prefix_bits: int, flags: int) -> bytes:
+    """An HPACK integer (RFC 7541 5.1) with `flags` in the first byte's high bits."""
+    mask = (1 << prefix_bits) - 1
+    if value < mask:
+        return bytes((flags | value,))
+    out = bytearray((flags | mask,))
+    value -= mask
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _name_prefix(name: bytes) -> bytes:
+    """The start of a never-indexed literal: the static table's index for the name if
+    it has one (the dynamic table never holds these names), else the name itself."""
+    for i, (static_name, _) in enumerate(_STATIC):
+        if static_name == name:
+            return _encode_int(i + 1, 4, 0x10)
+    return b"\x10" + _encode_int(len(name), 7, 0) + name
+
+
+_NAME_PREFIXES = {name: _name_prefix(name) for name in _LITERAL}
+
+
+def _never_indexed(name: bytes, value: bytes) -> bytes:
+    """Literal header field never indexed (RFC 7541 6.2.3), strings without Huffman."""
+    prefix = _NAME_PREFIXES.get(name) or _name_prefix(name)
+    return prefix + _encode_int(len(value), 7, 0) + value
