@@ -19,9 +19,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from time import time_ns
+from time import time, time_ns
 from typing import Any
 
+from cryptography import x509
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -29,10 +30,12 @@ from trustmesh.authz import Target, authorize, resolve_target
 from trustmesh.decision import Decision, Reason
 from trustmesh.errors import Code, PeerAuthenticationError, format_details, parse_details
 from trustmesh.limits import DEFAULT_LIMITS, Limits
+from trustmesh.peer_verify import PeerVerifier
 from trustmesh.resources import is_grpc_method
 from trustmesh.snapshot import Snapshot
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.telemetry import ATTR, inject_context, split_method, start_call_span
+from trustmesh.x509svid import BundleSet
 from trustmesh_sidecar import chains
 from trustmesh_sidecar import headers as hdr
 from trustmesh_sidecar.engine import (
@@ -82,44 +85,57 @@ def _audit_line(side: str, caller: str, callee: str, method: str, decision: Deci
     return line
 
 
+_AuditEntry = tuple[float, str, str, str, str, Decision]
+
+
 class _Audit:
     """One JSON line per decision on the `trustmesh.audit` logger, at INFO.
 
-    The record is made when the decision is (its time is the decision's), and handed
-    to the logger's handlers once the current event-loop callback is done, in order:
-    writing it (a syscall per line) then overlaps the forwarded call instead of
-    delaying it. Each router has its own queue, on its own loop. Without a running
-    loop, or for a queue left behind by a loop that stopped, records are written at once.
+    A decision is noted with its time; its record is made (with that time) and handed
+    to the logger's handlers once the current event-loop callback is done, in order,
+    so formatting and writing the line (a syscall) overlap the forwarded call instead
+    of delaying it. Each router has its own queue, on its own loop. Without a running
+    loop, or for a queue left behind by a loop that stopped, lines are written at once.
     """
 
-    __slots__ = ("_loop", "_records")
+    __slots__ = ("_entries", "_loop")
 
     def __init__(self) -> None:
-        self._records: list[logging.LogRecord] = []
+        self._entries: list[_AuditEntry] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __call__(self, side: str, caller: str, callee: str, method: str, decision: Decision) -> None:
         if not audit.isEnabledFor(logging.INFO):
             return
-        line = _audit_line(side, caller, callee, method, decision)
-        # Logger.info's record, without its stack walk for the caller's file and line.
-        record = audit.makeRecord(audit.name, logging.INFO, __file__, 0, line, (), None, "_audit")
+        entry = (time(), side, caller, callee, method, decision)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
-            audit.handle(record)
+            _write_audit(entry)
             return
-        if not self._records or self._loop is not loop:
+        if not self._entries or self._loop is not loop:
             self.flush()  # (a batch whose loop never ran it: write it now)
             loop.call_soon(self.flush)
             self._loop = loop
-        self._records.append(record)
+        self._entries.append(entry)
 
     def flush(self) -> None:
-        records, self._records = self._records, []
-        for record in records:
-            audit.handle(record)
+        entries, self._entries = self._entries, []
+        for entry in entries:
+            _write_audit(entry)
+
+
+def _write_audit(entry: _AuditEntry) -> None:
+    at, side, caller, callee, method, decision = entry
+    line = _audit_line(side, caller, callee, method, decision)
+    # Logger.info's record, without its stack walk for the caller's file and line,
+    # dated when the decision was made.
+    record = audit.makeRecord(audit.name, logging.INFO, __file__, 0, line, (), None, "_audit")
+    record.relativeCreated += (at - record.created) * 1000
+    record.created = at
+    record.msecs = int((at - int(at)) * 1000) + 0.0
+    audit.handle(record)
 
 
 class _SpanObserver:
@@ -240,6 +256,59 @@ def _end_denied(span: trace.Span, decision: Decision, state: SidecarState) -> Re
     return Reject(code, details)
 
 
+class _Callers:
+    """The caller each verified chain proves, remembered per chain (by its bytes).
+
+    An entry is used only for the same chain, checked by the same `PeerVerifier` (a
+    new bundle set means a new verifier), and only inside a validity window that is
+    never wider than the verified chain's: the intersection of every presented
+    certificate's and of every bundle CA's whose subject issued the topmost one.
+    Otherwise (and at a chain's first call) the verifier decides, as before. Only
+    chains that verified are remembered.
+    """
+
+    __slots__ = ("_entries",)
+
+    _MAX = 1024
+
+    def __init__(self) -> None:
+        self._entries: dict[
+            tuple[bytes, ...], tuple[PeerVerifier, SpiffeId, datetime, datetime]
+        ] = {}
+
+    def verify(self, verifier: PeerVerifier, chain: tuple[bytes, ...], now: datetime) -> SpiffeId:
+        if not isinstance(chain, tuple):
+            return verifier.verify(chain, now=now, role="client")
+        found = self._entries.get(chain)
+        if found is not None and found[0] is verifier and found[2] <= now < found[3]:
+            return found[1]
+        caller = verifier.verify(chain, now=now, role="client")  # raises when it must
+        window = _validity(chain, verifier.bundles, caller)
+        if window is not None:
+            if len(self._entries) >= self._MAX:
+                self._entries.clear()
+            self._entries[chain] = (verifier, caller, *window)
+        return caller
+
+
+def _validity(
+    chain: tuple[bytes, ...], bundles: BundleSet, caller: SpiffeId
+) -> tuple[datetime, datetime] | None:
+    bundle = bundles.get(caller.trust_domain)
+    if bundle is None or not chain:
+        return None
+    try:
+        certs = [x509.load_der_x509_certificate(der) for der in chain]
+    except ValueError:
+        return None
+    top_issuer = certs[-1].issuer
+    certs.extend(ca for ca in bundle.authorities if ca.subject == top_issuer)
+    return (
+        max(c.not_valid_before_utc for c in certs),
+        min(c.not_valid_after_utc for c in certs),
+    )
+
+
 @dataclass(slots=True)
 class _Open:
     caller: SpiffeId
@@ -264,6 +333,10 @@ class InboundRouter:
         self._tracer = tracer
         self._spans = _Spans(tracer, SpanKind.SERVER, "inbound")
         self._audit = _Audit()
+        self._callers = _Callers()
+        self._decisions: dict[
+            tuple[SpiffeId, SpiffeId, str], tuple[Snapshot, int, Decision, datetime | None]
+        ] = {}
         self._limits = limits
         self._open: dict[int, _Open] = {}
         self._ids = itertools.count()
@@ -276,7 +349,7 @@ class InboundRouter:
         me = str(state.spiffe_id)
         now = state.now()
         try:
-            caller = state.verifier.verify(call.peer_chain, now=now, role="client")
+            caller = self._callers.verify(state.verifier, call.peer_chain, now)
         except PeerAuthenticationError as e:
             reason = (
                 Reason(e.reason)
@@ -328,7 +401,45 @@ class InboundRouter:
                 Reason.LIMIT_EXCEEDED,
                 f"more than {self._limits.max_inflight_calls} calls in flight",
             )
-        return authorize(caller, state.spiffe_id, method, state.snapshot, now=now)
+        return self._authorize(caller, state.spiffe_id, method, state.snapshot, now)
+
+    _MAX_DECISIONS = 4096
+
+    def _authorize(
+        self, caller: SpiffeId, me: SpiffeId, method: str, snapshot: Snapshot, now: datetime
+    ) -> Decision:
+        """`authorize`, memoized per (caller, callee, method) for as long as the snapshot
+        stays at the same generation (any applied update moves it on: a disable, a
+        policy change) and both agents stay short of their expiresAt. Decisions made
+        while either agent was unknown, disabled or expired are not remembered."""
+        key = (caller, me, method)
+        generation = snapshot.generation
+        found = self._decisions.get(key)
+        if found is not None:
+            seen, seen_generation, decision, horizon = found
+            if (
+                seen is snapshot
+                and seen_generation == generation
+                and (horizon is None or now < horizon)
+            ):
+                return decision
+        decision = authorize(caller, me, method, snapshot, now=now)
+        caller_view = snapshot.agent_by_id(caller)
+        callee_view = snapshot.agent_by_id(me)
+        if (
+            snapshot.ready
+            and caller_view is not None
+            and callee_view is not None
+            and not caller_view.disabled
+            and not callee_view.disabled
+            and not caller_view.expired(now)
+            and not callee_view.expired(now)
+        ):
+            ends = [v.expires_at for v in (caller_view, callee_view) if v.expires_at is not None]
+            if len(self._decisions) >= self._MAX_DECISIONS:
+                self._decisions.clear()
+            self._decisions[key] = (snapshot, generation, decision, min(ends) if ends else None)
+        return decision
 
     def revalidate(self) -> None:
         """Re-decide every open call against the new snapshot; end the denied ones."""

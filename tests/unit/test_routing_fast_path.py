@@ -330,3 +330,74 @@ def test_call_span_shortcut_matches_the_sdk(headers: tuple[tuple[str, str], ...]
     parent = trace.get_current_span(telemetry.extract_context(headers)).get_span_context()
     if parent.is_valid:
         assert fast.trace_id == sdk.trace_id == parent.trace_id
+
+
+def test_inbound_memo_ends_with_the_callers_expiry_and_certificate() -> None:
+    clock = Clock()
+    side = Side("server", clock)
+    side.apply(put_agent("server"), put_agent("client", expires=NOW + timedelta(minutes=30)))
+    router = InboundRouter(side.state, "127.0.0.1:9", TracerProvider().get_tracer("t"))
+    chain = der(*issue(side.ca, sid("client"), ttl=timedelta(minutes=45)).cert_chain)
+    call = CallStart(METHOD, (), "ipv4:127.0.0.1:1", chain, None)
+
+    def route() -> Forward | Reject:
+        result = router.route(call, Control())
+        if isinstance(result, Forward):
+            result.observer.finished(Code.OK, "")
+        return result
+
+    assert isinstance(route(), Forward)
+    clock.now = NOW + timedelta(minutes=29)
+    assert isinstance(route(), Forward)
+    clock.now = NOW + timedelta(minutes=30)  # the agent's expiresAt: no update needed
+    expired = route()
+    assert isinstance(expired, Reject) and "agent_expired" in expired.details
+    side.apply(put_agent("client"))  # no expiry now; the certificate still ends at 45 min
+    clock.now = NOW + timedelta(minutes=44)
+    assert isinstance(route(), Forward)
+    clock.now = NOW + timedelta(minutes=45, seconds=1)
+    late = route()
+    assert isinstance(late, Reject) and late.code is Code.UNAUTHENTICATED
+    # A new bundle set (another CA) is a new verifier: the remembered caller is not used.
+    clock.now = NOW + timedelta(minutes=10)
+    assert isinstance(route(), Forward)
+    other = make_ca()
+    side.state.verifier = type(side.state.verifier)(
+        BundleSet.of(TrustBundle(other.trust_domain, (other.cert,)))
+    )
+    untrusted = route()
+    assert isinstance(untrusted, Reject) and untrusted.code is Code.UNAUTHENTICATED
+
+
+def test_deferred_audit_records_carry_the_decision_time() -> None:
+    import time
+
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("trustmesh.audit")
+    handler, saved = Collect(), logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    side = Side("client", Clock())
+    router = OutboundRouter(side.state, TracerProvider().get_tracer("t"), lambda _u: None)
+
+    async def call() -> tuple[float, float]:
+        before = time.time()
+        router.route(outbound_call("nobody"), Control())
+        after = time.time()
+        await asyncio.sleep(0.05)
+        return before, after
+
+    try:
+        before, after = asyncio.run(call())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+    (record,) = records
+    assert before <= record.created <= after
+    assert record.msecs == int((record.created - int(record.created)) * 1000)
+    assert json.loads(record.getMessage())["reason"] == "unknown_target"
