@@ -70,9 +70,9 @@ class SidecarConfig:
     advertise: str = ""  # the inbound address peers should dial; default: --inbound
     # Issuers of user access tokens this sidecar verifies (`--oidc-issuers`).
     user_token_issuers: tuple[IssuerConfig, ...] = ()
-    # The forwarding engine: "grpc" (grpc.aio + TLS bridge, ADR 0006) or "h2" (frames
-    # on Python ssl, ADR 0009).
-    engine: str = "grpc"
+    # The forwarding engine: "h2" (HTTP/2 frames on Python ssl, ADR 0009; the default)
+    # or "grpc" (grpc.aio + the TLS bridge, ADR 0006).
+    engine: str = engine_select.DEFAULT_ENGINE
     limits: Limits = DEFAULT_LIMITS
     # SPIFFE mode (ADR 0007): the Workload API address (unix:///...), and bundles of
     # other trust domains for those the Workload API does not deliver.

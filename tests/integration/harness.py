@@ -29,6 +29,7 @@ from trustmesh.spiffe_id import SpiffeId, TrustDomain
 from trustmesh.v1 import registry_pb2 as rpb
 from trustmesh_registry.datadir import DataDir
 from trustmesh_registry.server import RegistryServer, ServeConfig
+from trustmesh_sidecar.engine_select import DEFAULT_ENGINE
 from trustmesh_sidecar.runtime import Sidecar, SidecarConfig
 
 TD = "test.local"
@@ -265,8 +266,9 @@ class Mesh:
             admin="127.0.0.1:0",
             data_dir=self.root / "sidecars" / name,
             limits=self.limits,
-            # TRUSTMESH_TEST_ENGINE=h2 runs the integration suite on the frame engine.
-            engine=os.environ.get("TRUSTMESH_TEST_ENGINE", "grpc"),
+            # TRUSTMESH_TEST_ENGINE=grpc runs the integration suite on the grpcio engine
+            # (CI runs it on both); the default is the sidecar's default engine.
+            engine=os.environ.get("TRUSTMESH_TEST_ENGINE", DEFAULT_ENGINE),
         )
         sidecar = Sidecar(config, tracer_provider=provider)
         await sidecar.start()

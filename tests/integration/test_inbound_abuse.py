@@ -26,6 +26,7 @@ from trustmesh.ca import CertificateAuthority
 from trustmesh.channels import MeshChannels
 from trustmesh.spiffe_id import SpiffeId, TrustDomain
 from trustmesh.x509svid import BundleSet, TrustBundle, X509Svid, generate_key, make_csr
+from trustmesh_sidecar.engine_select import DEFAULT_ENGINE
 
 from harness import ECHO, TD, Mesh, Node, agent_id, unary
 
@@ -38,7 +39,7 @@ END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
 JUNK = random.Random(0).randbytes(4096)
 # Refusals that happen below the router are worded by the engine: grpc core's own
 # words on the grpcio engine, `trustmesh: <reason>: ...` on the frame-level engine.
-H2_ENGINE = os.environ.get("TRUSTMESH_TEST_ENGINE", "grpc") == "h2"
+H2_ENGINE = os.environ.get("TRUSTMESH_TEST_ENGINE", DEFAULT_ENGINE) == "h2"
 
 
 # -- peers -------------------------------------------------------------------------------

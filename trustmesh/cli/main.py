@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--admin", "TRUSTMESH_ADMIN", "127.0.0.1:15000", "health and the local API"),
         ("--data-dir", "TRUSTMESH_DATA_DIR", None, "where the SVID is kept (0700)"),
         ("--oidc-issuers", "TRUSTMESH_OIDC_ISSUERS", None, "YAML file of trusted user-token issuers"),
-        ("--engine", "TRUSTMESH_ENGINE", "grpc", "forwarding engine: grpc or h2 (ADR 0009)"),
+        ("--engine", "TRUSTMESH_ENGINE", "h2", "forwarding engine: h2 or grpc (ADR 0009)"),
     ]:
         value = _env(env, default)
         run.add_argument(flag, default=value, help=f"{help_} (${env})")
