@@ -470,6 +470,22 @@ class InboundRouter:
         return len(self._open)
 
 
+_ALLOWED = Reason.ALLOWED.value
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Where calls to one target go, as decided at one snapshot generation."""
+
+    snapshot: Snapshot
+    generation: int
+    me: SpiffeId
+    horizon: datetime | None  # the earlier expiresAt of this agent and the target
+    callee: SpiffeId
+    callee_text: str
+    routes: tuple[tuple[str, Upstream, Callable[[], tuple[Code, str] | None]], ...]
+
+
 class OutboundRouter:
     def __init__(
         self,
@@ -483,8 +499,7 @@ class OutboundRouter:
         self._tracer = tracer
         self._spans = _Spans(tracer, SpanKind.CLIENT, "outbound")
         self._audit = _Audit()
-        self._upstreams: dict[tuple[str, SpiffeId], Upstream] = {}
-        self._targets: dict[str, tuple[Snapshot, int, Target, datetime | None]] = {}
+        self._plans: dict[str, _Plan] = {}
         self._explain = explain
         self._limits = limits
         self._rr = itertools.count()
@@ -493,27 +508,54 @@ class OutboundRouter:
     def _done(self) -> None:
         self._inflight -= 1
 
-    def _resolve(self, target: str, now: datetime) -> Target | Decision:
-        """`resolve_target` against the current snapshot, memoized per target for as
-        long as the snapshot stays at the same generation (every applied update, a
-        revocation too, moves it on) and the target agent has not reached its expiry."""
-        snapshot = self._state.snapshot
-        generation = snapshot.generation
-        found = self._targets.get(target)
-        if found is not None:
-            seen, seen_generation, resolved, horizon = found
-            if seen is snapshot and seen_generation == generation and (
-                horizon is None or now < horizon
-            ):
-                return resolved
-        result = resolve_target(target, snapshot, now=now)
-        if isinstance(result, Target):
-            if len(self._targets) >= self._MAX_TARGETS:
-                self._targets.clear()
-            self._targets[target] = (snapshot, generation, result, result.agent.expires_at)
-        return result
+    _MAX_PLANS = 1024
 
-    _MAX_TARGETS = 1024
+    def _planned(self, target: str) -> _Plan | None:
+        """The plan made earlier for `target`, while the snapshot stays at the same
+        generation (every applied update, a revocation too, moves it on) and before
+        this agent's or the target's expiresAt."""
+        state = self._state
+        snapshot = state.snapshot
+        plan = self._plans.get(target)
+        if (
+            plan is not None
+            and plan.snapshot is snapshot
+            and plan.generation == snapshot.generation
+            and plan.me is state.spiffe_id
+            and (plan.horizon is None or state.now() < plan.horizon)
+        ):
+            return plan
+        return None
+
+    def _plan(self, target: str, resolved: Target) -> _Plan:
+        """Remember where calls to `target` go, as just decided."""
+        state = self._state
+        snapshot = state.snapshot
+        me = snapshot.agent_by_id(state.spiffe_id)
+        ends = [
+            t for t in (me.expires_at if me else None, resolved.agent.expires_at) if t is not None
+        ]
+        callee = resolved.agent.spiffe_id
+        routes = []
+        for endpoint in resolved.endpoints:
+            upstream = Upstream(endpoint.address, callee)
+            routes.append((endpoint.address, upstream, self._explainer(upstream)))
+        plan = _Plan(
+            snapshot,
+            snapshot.generation,
+            state.spiffe_id,
+            min(ends) if ends else None,
+            callee,
+            str(callee),
+            tuple(routes),
+        )
+        if len(self._plans) >= self._MAX_PLANS:
+            self._plans.clear()
+        self._plans[target] = plan
+        return plan
+
+    def _explainer(self, upstream: Upstream) -> Callable[[], tuple[Code, str] | None]:
+        return lambda: self._explain(upstream)
 
     def _self_revoked(self, now: datetime) -> Decision | None:
         """A disabled or expired agent is stopped at its own sidecar too.
@@ -532,18 +574,6 @@ class OutboundRouter:
         if me.expired(now):
             return Decision.deny(Reason.AGENT_EXPIRED, f"this agent ({me.name}) has expired")
         return None
-
-    def _upstream(self, address: str, callee: SpiffeId) -> Upstream:
-        key = (address, callee)
-        found = self._upstreams.get(key)
-        if found is None:
-            found = Upstream(address, callee)
-            if len(self._upstreams) >= self._MAX_UPSTREAMS:
-                self._upstreams.clear()
-            self._upstreams[key] = found
-        return found
-
-    _MAX_UPSTREAMS = 1024
 
     def route(self, call: CallStart, control: CallControl) -> Forward | Reject:
         started = time_ns()
@@ -565,37 +595,38 @@ class OutboundRouter:
             decision = Decision.deny(
                 Reason.LIMIT_EXCEEDED, f"more than {self._limits.max_inflight_calls} calls in flight"
             )
-        now = state.now()
-        if decision is None:
-            decision = self._self_revoked(now)
         if decision is not None:
             self._audit("outbound", me, str(target or ""), call.method, decision)
             return _deny(spans, call, started, attributes, decision, state)
         assert isinstance(target, str)
-        attributes[ATTR.TARGET] = target[:256]
-        resolved = self._resolve(target, now)
-        if isinstance(resolved, Decision):
-            self._audit("outbound", me, target, call.method, resolved)
-            return _deny(spans, call, started, attributes, resolved, state)
-        endpoints = resolved.endpoints
-        callee = resolved.agent.spiffe_id
-        attributes[ATTR.CALLEE] = str(callee)
-        endpoint = endpoints[next(self._rr) % len(endpoints)]
-        address = endpoint.address
-        upstream = self._upstream(address, callee)
+        plan = self._planned(target)
+        if plan is None:
+            now = state.now()
+            decision = self._self_revoked(now)
+            if decision is not None:
+                self._audit("outbound", me, target, call.method, decision)
+                return _deny(spans, call, started, attributes, decision, state)
+            attributes[ATTR.TARGET] = target[:256]
+            resolved = resolve_target(target, state.snapshot, now=now)
+            if isinstance(resolved, Decision):
+                self._audit("outbound", me, target, call.method, resolved)
+                return _deny(spans, call, started, attributes, resolved, state)
+            plan = self._plan(target, resolved)
+        else:
+            attributes[ATTR.TARGET] = target[:256]
+        callee = plan.callee
+        attributes[ATTR.CALLEE] = plan.callee_text
+        address, upstream, explain = plan.routes[next(self._rr) % len(plan.routes)]
         # The chain's hops carry the span's trace ID, so the span starts here.
         span = spans.start(call, started, attributes)
         outgoing = chains.outbound_chain(state, call.headers, callee, call.method, span)
         if isinstance(outgoing, Decision):
             self._audit("outbound", me, target, call.method, outgoing)
             return _end_denied(span, outgoing, state)
-        span.set_attributes(
-            {
-                ATTR.DECISION: "allow",
-                ATTR.REASON: Reason.ALLOWED.value,
-                "server.address": address,
-            }
-        )
+        if span.is_recording():
+            span.set_attributes(
+                {ATTR.DECISION: "allow", ATTR.REASON: _ALLOWED, "server.address": address}
+            )
         state.counters.allowed += 1
         self._inflight += 1
         peer_headers = hdr.for_peer(
@@ -606,5 +637,5 @@ class OutboundRouter:
             upstream,
             tuple(headers),
             _SpanObserver(span, self._done),
-            explain_unavailable=lambda: self._explain(upstream),
+            explain_unavailable=explain,
         )

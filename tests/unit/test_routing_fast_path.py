@@ -401,3 +401,19 @@ def test_deferred_audit_records_carry_the_decision_time() -> None:
     assert before <= record.created <= after
     assert record.msecs == int((record.created - int(record.created)) * 1000)
     assert json.loads(record.getMessage())["reason"] == "unknown_target"
+
+
+def test_outbound_plan_ends_when_this_agent_is_disabled_or_expires() -> None:
+    clock = Clock()
+    side = Side("client", clock)
+    side.apply(put_agent("server"), put_agent("client", expires=NOW + timedelta(minutes=5)))
+    router = OutboundRouter(side.state, TracerProvider().get_tracer("t"), lambda _u: None)
+    assert isinstance(router.route(outbound_call(), Control()), Forward)
+    clock.now = NOW + timedelta(minutes=5)
+    expired = router.route(outbound_call(), Control())
+    assert isinstance(expired, Reject) and "this agent (client) has expired" in expired.details
+    side.apply(put_agent("client"))
+    assert isinstance(router.route(outbound_call(), Control()), Forward)
+    side.apply(put_agent("client", disabled=True))
+    disabled = router.route(outbound_call(), Control())
+    assert isinstance(disabled, Reject) and "this agent (client) is disabled" in disabled.details
