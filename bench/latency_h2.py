@@ -11,8 +11,8 @@ instead of this checkout, so two versions are measured side by side in one run.
 Topology as in bench/latency.py (all on loopback): the client and the echo app live in
 this process; each mesh path goes client -> sidecar A (process) -> mTLS -> sidecar B
 (process) -> app. Two meshes run side by side, one per engine; the sidecar processes
-of the h2 mesh get `H2Engine` through a `sitecustomize` that swaps
-`trustmesh_sidecar.runtime.GrpcEngine` (the seam the runtime will select by name).
+of each mesh get their engine through `TRUSTMESH_ENGINE` (and, for older code given
+with `--tree`, a `sitecustomize` that swaps `trustmesh_sidecar.runtime.GrpcEngine`).
 Rounds interleave the three paths so machine noise hits them alike; the summary is
 the median over rounds. Results: JSON and Markdown in bench/results/.
 """
@@ -144,7 +144,13 @@ async def _throughput(
 async def _mesh(
     root: Path, app: str, engine: str, site: Path, tree: Path | None = None
 ) -> tuple[LocalMesh, str]:
-    env = {"OTEL_TRACES_EXPORTER": "none", "TRUSTMESH_BENCH_ENGINE": engine}
+    # TRUSTMESH_ENGINE selects the engine; the sitecustomize swap covers trees from
+    # before the sidecar could select one.
+    env = {
+        "OTEL_TRACES_EXPORTER": "none",
+        "TRUSTMESH_ENGINE": engine,
+        "TRUSTMESH_BENCH_ENGINE": engine,
+    }
     code = [str(tree), str(tree / "sidecar"), str(tree / "registry")] if tree else []
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(site), *code, os.environ.get("PYTHONPATH")])
