@@ -7,6 +7,7 @@ up as a mismatch; the encoder's output must decode, with the reference, to its i
 
 from __future__ import annotations
 
+import base64
 import contextlib
 
 import hpack
@@ -104,6 +105,30 @@ def test_volatile_and_sensitive_fields_are_never_indexed_literals(name: bytes, l
     assert [n for n, _ in dec.header_table.dynamic_entries] == [b"x-a"]
 
 
+@pytest.mark.parametrize(
+    ("name", "length", "plain"),
+    [
+        (b"x-app", 128, False),  # at the bound: Huffman-coded and indexed as usual
+        (b"x-app", 129, True),
+        (b"x-app", 20_000, True),
+        (b":path", 300, True),  # a name from the static table keeps its index
+    ],
+)
+def test_long_values_are_plain_literals_outside_the_table(
+    name: bytes, length: int, plain: bool
+) -> None:
+    enc, dec = HeaderEncoder(), hpack.Decoder()
+    dec.max_header_list_size = 1 << 20
+    value = bytes(range(97, 123)) * (length // 26) + b"a" * (length % 26)
+    for _ in range(2):
+        block = enc.encode([(name, value), (b"x-a", b"1")])
+        got = dec.decode(block, raw=True)
+        assert [(bytes(n), bytes(v)) for n, v in got] == [(name, value), (b"x-a", b"1")]
+        assert (value in block) is plain  # not Huffman-coded: the bytes as they are
+    in_table = [n for n, _ in dec.header_table.dynamic_entries]
+    assert in_table == ([b"x-a"] if plain else [b"x-a", name])
+
+
 def test_indexed_fields_beyond_the_table_are_compression_errors() -> None:
     dec = HeaderDecoder(hard_limit=4096)
     for block in (b"\x80", b"\xbe", b"\xff\x00", b"\xff\x80\x01"):  # 0, 62, 127, 255
@@ -148,6 +173,29 @@ def test_binary_metadata_round_trips() -> None:
     assert req.metadata == (("x-blob-bin", blob), ("x-text", "caf\xe9"))
 
 
+@pytest.mark.parametrize(
+    ("value", "want"),
+    [
+        (b"\x00" + bytes(range(256)), bytes(range(256))),  # true binary: NUL, then the bytes
+        (b"\x00", b""),
+        (b"AAEC", b"\x00\x01\x02"),  # base64, as before
+    ],
+    ids=["true-binary", "true-binary-empty", "base64"],
+)
+def test_binary_metadata_in_either_form(value: bytes, want: bytes) -> None:
+    req = wire.parse_request(((b":method", b"POST"), (b":path", b"/a.B/C"), (b"x-bin", value)))
+    assert req.metadata == (("x-bin", want),)
+    # Sent on in base64, whichever form it came in (the next peer may not take NULs).
+    assert wire.metadata_fields(req.metadata) == [(b"x-bin", base64.b64encode(want).rstrip(b"="))]
+
+
+def test_true_binary_status_details_go_on_as_base64() -> None:
+    resp = wire.parse_response(
+        ((b"grpc-status", b"3"), (b"grpc-status-details-bin", b"\x00\xff\x00")), trailers=True
+    )
+    assert resp.details_bin == base64.b64encode(b"\xff\x00").rstrip(b"=")
+
+
 MALFORMED = {
     "upper-case-name": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"X-A", b"v")),
     "pseudo-after-regular": ((b":method", b"POST"), (b"x-a", b"v"), (b":path", b"/a.B/C")),
@@ -158,6 +206,7 @@ MALFORMED = {
     "connection-header": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"connection", b"x")),
     "te-not-trailers": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"te", b"gzip")),
     "newline-in-value": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"x-a", b"a\r\nb: c")),
+    "nul-in-text-value": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"x-a", b"\x00ab")),
     "bad-base64": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"x-bin", b"!!")),
 }
 

@@ -91,6 +91,9 @@ class Setting(enum.IntEnum):
     INITIAL_WINDOW_SIZE = 0x4
     MAX_FRAME_SIZE = 0x5
     MAX_HEADER_LIST_SIZE = 0x6
+    # gRPC's extension: the sender of this setting accepts `-bin` metadata as NUL
+    # followed by the raw bytes ("true binary"), with no base64 and no Huffman code.
+    GRPC_ALLOW_TRUE_BINARY_METADATA = 0xFE03
 
 
 class ProtocolError(Exception):

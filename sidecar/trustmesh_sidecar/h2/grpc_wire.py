@@ -50,7 +50,8 @@ _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
 _NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _FORWARDABLE_PATH_RE = re.compile(r"/[\x21-\x7e]+")
 # Checked fields, both ways, keyed by the field itself; per-call values are not kept.
-_UNCACHED = frozenset({b"grpc-timeout", b"traceparent", b"tracestate", b"grpc-message"})
+_UNCACHED = frozenset({b"grpc-timeout", b"traceparent", b"tracestate", b"grpc-message",
+                       b"trustmesh-delegation-bin"})  # fmt: skip
 _CACHE_ENTRIES = 4096
 _IN: dict[tuple[bytes, bytes], Header] = {}
 _OUT: dict[Header, tuple[bytes, bytes] | None] = {}
@@ -113,9 +114,14 @@ def _regular(name: bytes, value: bytes) -> Header:
         raise Malformed(f"illegal header key {name[:64].decode('latin-1')!r}")
     if name in _CONNECTION_SPECIFIC:
         raise Malformed(f"connection-specific header {name.decode()!r}")
-    if not _value_ok(value):
+    if value[:1] == b"\x00" and name.endswith(b"-bin"):
+        # gRPC true binary metadata (we advertise SETTINGS 0xFE03): NUL, then the bytes.
+        # Base64 never starts with NUL, so the two forms can't be confused.
+        header = name.decode("ascii"), value[1:]
+    elif not _value_ok(value):
         raise Malformed(f"illegal value for header {name.decode()!r}")
-    header = _to_metadata(name, value)
+    else:
+        header = _to_metadata(name, value)
     if name not in _UNCACHED:
         if len(_IN) >= _CACHE_ENTRIES:
             _IN.clear()
@@ -204,7 +210,8 @@ def parse_response(raw: RawHeaders, *, trailers: bool) -> Response:
             message = decode_message(value)
             continue
         if name == b"grpc-status-details-bin":
-            details = value
+            # Kept as base64, whichever form it came in: it goes on as it is.
+            details = base64.b64encode(value[1:]).rstrip(b"=") if value[:1] == b"\x00" else value
             continue
         if name == b"content-type":
             content_type = value
