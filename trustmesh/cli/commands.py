@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import re
@@ -394,6 +395,11 @@ def cmd_sidecar_run(args: argparse.Namespace) -> int:
 
     async def start() -> None:
         await sidecar.start()
+        # What start-up built (modules, protobuf descriptors, the OpenTelemetry SDK, the
+        # engine) lives as long as this process. Out of the collector's sight, a full
+        # collection no longer walks it: that was a ~33 ms pause, a p99 spike on a call.
+        gc.collect()
+        gc.freeze()
         me = sidecar.state.spiffe_id if sidecar.state is not None else config.spiffe_id
         print(
             f"sidecar {me} outbound={sidecar.outbound_address} "
