@@ -145,3 +145,23 @@ def test_apply_reports_the_file_and_field(tmp_path: Path,
     assert main(["apply", "-f", str(bad)]) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line == f"trustmesh: error: {bad}#1: spec.sponsor: is required"
+
+
+@pytest.mark.parametrize(
+    ("created", "want"),
+    [
+        (1764455400.25, "2025-11-29T22:30:00.250Z audit {}"),
+        (1764455400.0, "2025-11-29T22:30:00.000Z audit {}"),
+        (1764455401.5, "2025-11-29T22:30:01.500Z audit {}"),
+        (0.007, "1970-01-01T00:00:00.007Z audit {}"),
+    ],
+    ids=["millis", "whole-second", "next-second", "epoch"],
+)
+def test_audit_lines_are_dated_in_utc_to_the_millisecond(created: float, want: str) -> None:
+    from trustmesh.cli.main import AuditFormatter
+
+    formatter = AuditFormatter()
+    record = logging.LogRecord("trustmesh.audit", logging.INFO, __file__, 0, "{}", (), None)
+    record.created, record.msecs = created, (created - int(created)) * 1000
+    assert formatter.format(record) == want
+    assert formatter.format(record) == want  # the cached date part is reused
