@@ -12,17 +12,13 @@ Open inbound calls are kept so that a revocation ends streams already open.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from time import time, time_ns
+from time import time_ns
 from typing import Any
 
-from cryptography import x509
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -30,14 +26,14 @@ from trustmesh.authz import Target, authorize, resolve_target
 from trustmesh.decision import Decision, Reason
 from trustmesh.errors import Code, PeerAuthenticationError, format_details, parse_details
 from trustmesh.limits import DEFAULT_LIMITS, Limits
-from trustmesh.peer_verify import PeerVerifier
 from trustmesh.resources import is_grpc_method
 from trustmesh.snapshot import Snapshot
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.telemetry import ATTR, inject_context, split_method, start_call_span
-from trustmesh.x509svid import BundleSet
 from trustmesh_sidecar import chains
 from trustmesh_sidecar import headers as hdr
+from trustmesh_sidecar.audit import Audit
+from trustmesh_sidecar.callers import Callers
 from trustmesh_sidecar.engine import (
     CallControl,
     CallStart,
@@ -49,94 +45,6 @@ from trustmesh_sidecar.engine import (
 from trustmesh_sidecar.state import SidecarState
 
 __all__ = ["InboundRouter", "OutboundRouter"]
-
-audit = logging.getLogger("trustmesh.audit")
-
-
-
-# Audit lines by what they say: the same few (caller, callee, method, decision) come
-# back call after call, and their JSON is the same every time. Bounded; emptied when full.
-_AUDIT_LINES: dict[tuple[str, str, str, str, Decision], str] = {}
-_AUDIT_LINES_MAX = 4096
-_AUDIT_KEY_MAX = 1024  # longer values (a caller's odd method path) are not remembered
-
-
-def _audit_line(side: str, caller: str, callee: str, method: str, decision: Decision) -> str:
-    key = (side, caller, callee, method, decision)
-    line = _AUDIT_LINES.get(key)
-    if line is None:
-        line = json.dumps(
-            {
-                "side": side,
-                "caller": caller,
-                "callee": callee,
-                "method": method,
-                "decision": "allow" if decision.allowed else "deny",
-                "reason": decision.reason.value,
-                "policy": decision.policy,
-                "message": decision.message,
-            },
-            separators=(",", ":"),
-        )
-        if len(method) + len(caller) <= _AUDIT_KEY_MAX:
-            if len(_AUDIT_LINES) >= _AUDIT_LINES_MAX:
-                _AUDIT_LINES.clear()
-            _AUDIT_LINES[key] = line
-    return line
-
-
-_AuditEntry = tuple[float, str, str, str, str, Decision]
-
-
-class _Audit:
-    """One JSON line per decision on the `trustmesh.audit` logger, at INFO.
-
-    A decision is noted with its time; its record is made (with that time) and handed
-    to the logger's handlers once the current event-loop callback is done, in order,
-    so formatting and writing the line (a syscall) overlap the forwarded call instead
-    of delaying it. Each router has its own queue, on its own loop. Without a running
-    loop, or for a queue left behind by a loop that stopped, lines are written at once.
-    """
-
-    __slots__ = ("_entries", "_loop")
-
-    def __init__(self) -> None:
-        self._entries: list[_AuditEntry] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def __call__(self, side: str, caller: str, callee: str, method: str, decision: Decision) -> None:
-        if not audit.isEnabledFor(logging.INFO):
-            return
-        entry = (time(), side, caller, callee, method, decision)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            _write_audit(entry)
-            return
-        if not self._entries or self._loop is not loop:
-            self.flush()  # (a batch whose loop never ran it: write it now)
-            loop.call_soon(self.flush)
-            self._loop = loop
-        self._entries.append(entry)
-
-    def flush(self) -> None:
-        entries, self._entries = self._entries, []
-        for entry in entries:
-            _write_audit(entry)
-
-
-def _write_audit(entry: _AuditEntry) -> None:
-    at, side, caller, callee, method, decision = entry
-    line = _audit_line(side, caller, callee, method, decision)
-    # Logger.info's record, without its stack walk for the caller's file and line,
-    # dated when the decision was made.
-    record = audit.makeRecord(audit.name, logging.INFO, __file__, 0, line, (), None, "_audit")
-    record.relativeCreated += (at - record.created) * 1000
-    record.created = at
-    record.msecs = int((at - int(at)) * 1000) + 0.0
-    audit.handle(record)
-
 
 class _SpanObserver:
     """Ends the call's span with the final status; frees the in-flight slot."""
@@ -256,59 +164,6 @@ def _end_denied(span: trace.Span, decision: Decision, state: SidecarState) -> Re
     return Reject(code, details)
 
 
-class _Callers:
-    """The caller each verified chain proves, remembered per chain (by its bytes).
-
-    An entry is used only for the same chain, checked by the same `PeerVerifier` (a
-    new bundle set means a new verifier), and only inside a validity window that is
-    never wider than the verified chain's: the intersection of every presented
-    certificate's and of every bundle CA's whose subject issued the topmost one.
-    Otherwise (and at a chain's first call) the verifier decides, as before. Only
-    chains that verified are remembered.
-    """
-
-    __slots__ = ("_entries",)
-
-    _MAX = 1024
-
-    def __init__(self) -> None:
-        self._entries: dict[
-            tuple[bytes, ...], tuple[PeerVerifier, SpiffeId, datetime, datetime]
-        ] = {}
-
-    def verify(self, verifier: PeerVerifier, chain: tuple[bytes, ...], now: datetime) -> SpiffeId:
-        if not isinstance(chain, tuple):
-            return verifier.verify(chain, now=now, role="client")
-        found = self._entries.get(chain)
-        if found is not None and found[0] is verifier and found[2] <= now < found[3]:
-            return found[1]
-        caller = verifier.verify(chain, now=now, role="client")  # raises when it must
-        window = _validity(chain, verifier.bundles, caller)
-        if window is not None:
-            if len(self._entries) >= self._MAX:
-                self._entries.clear()
-            self._entries[chain] = (verifier, caller, *window)
-        return caller
-
-
-def _validity(
-    chain: tuple[bytes, ...], bundles: BundleSet, caller: SpiffeId
-) -> tuple[datetime, datetime] | None:
-    bundle = bundles.get(caller.trust_domain)
-    if bundle is None or not chain:
-        return None
-    try:
-        certs = [x509.load_der_x509_certificate(der) for der in chain]
-    except ValueError:
-        return None
-    top_issuer = certs[-1].issuer
-    certs.extend(ca for ca in bundle.authorities if ca.subject == top_issuer)
-    return (
-        max(c.not_valid_before_utc for c in certs),
-        min(c.not_valid_after_utc for c in certs),
-    )
-
-
 @dataclass(slots=True)
 class _Open:
     caller: SpiffeId
@@ -332,8 +187,8 @@ class InboundRouter:
         self._app = Upstream(app_address, None)
         self._tracer = tracer
         self._spans = _Spans(tracer, SpanKind.SERVER, "inbound")
-        self._audit = _Audit()
-        self._callers = _Callers()
+        self._audit = Audit()
+        self._callers = Callers()
         self._decisions: dict[
             tuple[SpiffeId, SpiffeId, str], tuple[Snapshot, int, Decision, datetime | None]
         ] = {}
@@ -498,7 +353,7 @@ class OutboundRouter:
         self._state = state
         self._tracer = tracer
         self._spans = _Spans(tracer, SpanKind.CLIENT, "outbound")
-        self._audit = _Audit()
+        self._audit = Audit()
         self._plans: dict[str, _Plan] = {}
         self._explain = explain
         self._limits = limits
