@@ -30,11 +30,9 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,13 +44,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bench.common import machine, rotate
+from bench.inproc import cpu_seconds, echo_server, mesh_docs, pct, sequential, throughput
 from trustmesh.demo.mesh import LocalMesh
-from trustmesh.v1 import registry_pb2 as rpb
 
-METHOD = "/bench.Echo/Unary"
-PAYLOAD = os.urandom(1024)
 HOST = "floor.test"  # the DNS name in the forwarders' certificates (grpc checks it)
-_TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
 
 
 # -- the forwarder (a child process) ----------------------------------------------------
@@ -74,7 +69,7 @@ async def forwarder(listen: str, upstream: str, tls_dir: Path | None, role: str)
         channel = grpc.aio.insecure_channel(upstream)
     handlers: dict[str, grpc.RpcMethodHandler] = {}
 
-    class Forward(grpc.GenericRpcHandler):
+    class Forward(grpc.GenericRpcHandler):  # type: ignore[misc]
         def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
             method = details.method
             found = handlers.get(method)
@@ -141,8 +136,7 @@ def _write_tls(directory: Path) -> None:
 
 
 def _cpu_ms(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * _TICK_MS  # utime, stime
+    return cpu_seconds([pid]) * 1000
 
 
 async def _start_forwarder(
@@ -171,72 +165,17 @@ async def _floor(
     return outer_addr, [outer.pid, inner.pid]
 
 
-def _docs() -> list[rpb.ManifestDocument]:
-    def doc(kind: str, name: str, spec: dict[str, Any]) -> rpb.ManifestDocument:
-        body = {"apiVersion": "trustmesh.dev/v1alpha1", "kind": kind,
-                "metadata": {"name": name}, "spec": spec}  # fmt: skip
-        return rpb.ManifestDocument(source=f"bench/{name}", json=json.dumps(body))
-
-    agents = [
-        doc("Agent", n, {"spiffeId": f"spiffe://demo.local/agents/{n}", "blueprint": "bench",
-                         "sponsor": "bench@example.com"})
-        for n in ("client", "server")
-    ]
-    return [
-        doc("AgentBlueprint", "bench", {"allowedMethods": ["/bench.Echo/*"]}),
-        *agents,
-        doc("AccessPolicy", "bench", {"callers": [{"name": "client"}],
-                                      "callees": [{"name": "server"}],
-                                      "methods": ["/bench.Echo/*"]}),
-    ]
-
-
 async def _mesh(root: Path, app: str, engine: str) -> tuple[LocalMesh, str, list[int]]:
     mesh = LocalMesh(root, extra_env={"OTEL_TRACES_EXPORTER": "none", "TRUSTMESH_ENGINE": engine})
     await mesh.start_registry()
-    await mesh.apply(_docs())
+    await mesh.apply(mesh_docs())
     client = await mesh.start_sidecar("client", "127.0.0.1:9")
     server = await mesh.start_sidecar("server", app)
     return mesh, client.outbound, [client.process.pid, server.process.pid]
 
 
-async def _echo() -> tuple[grpc.aio.Server, str]:
-    async def unary(req: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return req
-
-    server = grpc.aio.server()
-    handlers = {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
-
-
-async def _sequential(call: Any, metadata: list[tuple[str, str]], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        await call(PAYLOAD, metadata=metadata, timeout=5)
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-async def _throughput(call: Any, metadata: list[tuple[str, str]], n: int, inflight: int) -> float:
-    left = n
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            await call(PAYLOAD, metadata=metadata, timeout=10)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(inflight)))
-    return n / (time.perf_counter() - start)
-
-
 async def run(rounds: int, calls: int, tput_calls: int, inflight: int) -> dict[str, Any]:
-    server, app = await _echo()
+    server, app = await echo_server()
     procs: list[asyncio.subprocess.Process] = []
     meshes: list[LocalMesh] = []
     channels: list[grpc.aio.Channel] = []
@@ -259,20 +198,19 @@ async def run(rounds: int, calls: int, tput_calls: int, inflight: int) -> dict[s
             for name, (address, md, pids) in targets.items():
                 channel = grpc.aio.insecure_channel(address)
                 channels.append(channel)
-                paths[name] = (channel.unary_unary(METHOD), md, pids)
-                await _sequential(paths[name][0], md, 50)  # warm: connections, caches
+                paths[name] = (channel, md, pids)
+                await sequential(channel, md, 50)  # warm: connections, caches
             rows: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
             for r in range(rounds):
                 for name in rotate(list(paths), r):
-                    call, md, pids = paths[name]
-                    lat = await _sequential(call, md, calls)
+                    channel, md, pids = paths[name]
+                    lat = await sequential(channel, md, calls)
                     before = [_cpu_ms(p) for p in pids]
-                    rate = await _throughput(call, md, tput_calls, inflight)
+                    rate = await throughput(channel, md, tput_calls, inflight)
                     cpu = [(_cpu_ms(p) - b) / tput_calls for p, b in zip(pids, before, strict=True)]
-                    ordered = sorted(lat)
                     rows[name].append({
                         "p50": statistics.median(lat),
-                        "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+                        "p99": pct(lat, 0.99),
                         "rps": rate,
                         "cpu_ms_per_call_per_proxy": statistics.mean(cpu) if cpu else 0.0,
                     })  # fmt: skip

@@ -26,18 +26,22 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from bench.common import rotate
+from bench.inproc import (
+    PAYLOAD,
+    cpu_seconds,
+    echo_server,
+    mesh_docs,
+    pct,
+    sequential,
+    throughput,
+)
 from trustmesh.demo.mesh import LocalMesh
-from trustmesh.v1 import registry_pb2 as rpb
-
-METHOD = "/bench.Echo/Unary"
-PAYLOAD = os.urandom(1024)
 
 _SITECUSTOMIZE = """
 import os
@@ -46,99 +50,6 @@ if os.environ.get("TRUSTMESH_BENCH_ENGINE") == "h2":
     from trustmesh_sidecar.h2 import H2Engine
     _runtime.GrpcEngine = H2Engine
 """
-
-
-def _docs() -> list[rpb.ManifestDocument]:
-    def doc(kind: str, name: str, spec: dict[str, Any]) -> rpb.ManifestDocument:
-        body = {
-            "apiVersion": "trustmesh.dev/v1alpha1",
-            "kind": kind,
-            "metadata": {"name": name},
-            "spec": spec,
-        }
-        return rpb.ManifestDocument(source=f"bench/{name}", json=json.dumps(body))
-
-    def agent(name: str) -> rpb.ManifestDocument:
-        return doc(
-            "Agent",
-            name,
-            {
-                "spiffeId": f"spiffe://demo.local/agents/{name}",
-                "blueprint": "bench",
-                "sponsor": "bench@example.com",
-            },
-        )
-
-    return [
-        doc("AgentBlueprint", "bench", {"allowedMethods": ["/bench.Echo/*"]}),
-        agent("client"),
-        agent("server"),
-        doc(
-            "AccessPolicy",
-            "bench",
-            {
-                "callers": [{"name": "client"}],
-                "callees": [{"name": "server"}],
-                "methods": ["/bench.Echo/*"],
-            },
-        ),
-    ]
-
-
-async def _echo_server() -> tuple[grpc.aio.Server, str]:
-    async def unary(req: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return req
-
-    server = grpc.aio.server()
-    handlers = {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
-
-
-async def _run(channel: grpc.aio.Channel, metadata: list[tuple[str, str]], n: int) -> list[float]:
-    call = channel.unary_unary(METHOD)
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        await call(PAYLOAD, metadata=metadata, timeout=5)
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of these processes so far (Linux /proc; 0 elsewhere)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
-
-
-async def _throughput(
-    channel: grpc.aio.Channel, metadata: list[tuple[str, str]], n: int, inflight: int
-) -> float:
-    call = channel.unary_unary(METHOD)
-    left = n
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            await call(PAYLOAD, metadata=metadata, timeout=10)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(inflight)))
-    return n / (time.perf_counter() - start)
 
 
 async def _mesh(
@@ -157,7 +68,7 @@ async def _mesh(
     )
     mesh = LocalMesh(root, extra_env=env)
     await mesh.start_registry()
-    await mesh.apply(_docs())
+    await mesh.apply(mesh_docs())
     client = await mesh.start_sidecar("client", "127.0.0.1:9")
     await mesh.start_sidecar("server", app)
     return mesh, client.outbound
@@ -173,7 +84,7 @@ async def main_async(
     trees: dict[str, Path] | None = None,
     grpc_engine: bool = True,
 ) -> dict[str, Any]:
-    server, app = await _echo_server()
+    server, app = await echo_server()
     meshes: list[LocalMesh] = []
     with tempfile.TemporaryDirectory(prefix="tm-bench-h2-") as tmp:
         site = Path(tmp) / "site"
@@ -198,20 +109,20 @@ async def main_async(
                     [("trustmesh-target", "server")],
                 )
             for ch, md in paths.values():  # warm: connections, caches
-                await _run(ch, md, 50)
+                await sequential(ch, md, 50)
             rows: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
             for r in range(rounds):
                 for name in rotate(list(paths), r):  # the order rotates round by round
                     ch, md = paths[name]
-                    cpu = _cpu_seconds(pids[name])
-                    lat = await _run(ch, md, calls)
-                    cpu_seq = _cpu_seconds(pids[name]) - cpu
-                    rate = await _throughput(ch, md, tput_calls, inflight)
-                    cpu_tput = _cpu_seconds(pids[name]) - cpu - cpu_seq
+                    cpu = cpu_seconds(pids[name])
+                    lat = await sequential(ch, md, calls)
+                    cpu_seq = cpu_seconds(pids[name]) - cpu
+                    rate = await throughput(ch, md, tput_calls, inflight)
+                    cpu_tput = cpu_seconds(pids[name]) - cpu - cpu_seq
                     rows[name].append(
                         {
                             "p50": statistics.median(lat),
-                            "p99": _pct(lat, 0.99),
+                            "p99": pct(lat, 0.99),
                             "rps": rate,
                             # CPU of the path's sidecar processes per call (both
                             # sidecars together): steadier than latency on a busy host.
