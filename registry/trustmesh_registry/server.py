@@ -174,6 +174,7 @@ class RegistryServer:
         self.address = ""
         self.bootstrap_address = ""
         self.health_address = ""
+        self._workload_bundles = ""  # the version of the Workload API's bundles in use
 
     def bundles(self) -> list[pb.TrustBundle]:
         """What the registry publishes (snapshots, `GetBundle`, SVID responses)."""
@@ -207,6 +208,10 @@ class RegistryServer:
         )
         self.svid = svid
         self._verifier = _WorkloadsAndOperators(bundles, operators)
+        if not first and bundles.version != self._workload_bundles:
+            # Rotated or federated bundles reach the sidecars as a snapshot change.
+            self.state.bundles_changed()
+        self._workload_bundles = bundles.version
         if first:
             self._mtls_creds = ServerCredentials(svid, tls_roots)
             self._boot_creds = ServerCredentials(svid, tls_roots, verify_clients=False)

@@ -98,8 +98,9 @@ class RegistryState:
         self.epoch = uuid.uuid4().hex
         self.revision = 0
         self._log: collections.deque[rpb.SnapshotUpdate] = collections.deque(maxlen=log_size)
-        # The last full snapshot served, serialized, and its revision (`full_backlog`).
-        self._full: tuple[int, bytes] | None = None
+        # The last full snapshot served, serialized, with its revision and the bundles
+        # it holds (`full_backlog`).
+        self._full: tuple[int, list[pb.TrustBundle], bytes] | None = None
         self._watchers: set[Watcher] = set()
         self.blueprints: dict[str, AgentBlueprint] = {}
         self.agents: dict[str, Agent] = {}
@@ -149,14 +150,17 @@ class RegistryState:
         registry restart every sidecar asks for one, and each that reports an
         endpoint adds a revision), followed by the deltas after R, as a watcher
         resuming at R would get them. A new one is built when the log no longer
-        holds the deltas after R, or when there are more than `max_deltas` of them."""
+        holds the deltas after R, or when there are more than `max_deltas` of them, or
+        when the trust bundles differ from those it holds (with SPIFFE credentials they
+        can change without a revision)."""
+        bundles = list(self._bundles())
         if self._full is not None:
-            revision, data = self._full
+            revision, held, data = self._full
             deltas = self.updates_since(self.epoch, revision)
-            if deltas is not None and len(deltas) <= max_deltas:
+            if deltas is not None and len(deltas) <= max_deltas and held == bundles:
                 return [data, *deltas], self.revision
         data = self.full_snapshot().SerializeToString()
-        self._full = (self.revision, data)
+        self._full = (self.revision, bundles, data)
         return [data], self.revision
 
     def updates_since(self, epoch: str, revision: int) -> list[rpb.SnapshotUpdate] | None:

@@ -219,12 +219,17 @@ async def test_bundle_update_that_removes_a_ca_rejects_its_peers(tmp_path: Path)
             policy("bob-to-alice", ["bob"], ["alice"], [f"/{ECHO}/*"]),
         )
         # SPIRE in mid root rotation: every bundle holds both roots, the registry's too.
-        mesh.apis["registry"].push(new.svid(registry_id_for(new.td)), both)
         assert mesh.registry is not None
         registry = mesh.registry
+        before = registry.state.revision
+        mesh.apis["registry"].push(new.svid(registry_id_for(new.td)), both)
         await until(
             lambda: len(registry.bundles()[0].x509_authorities) == 2, "the registry's bundle"
         )
+        # The rotation is published as a snapshot change, for watchers already connected.
+        published = registry.state.updates_since(registry.state.epoch, before) or []
+        assert [len(c.put_bundle.x509_authorities) for u in published for c in u.changes
+                if c.HasField("put_bundle")] == [2]  # fmt: skip
         alice = await mesh.add_spiffe("alice", svid=old.svid(agent_id("alice")), bundle=both)
         bob = await mesh.add_spiffe("bob", bundle=both)
         carol = await mesh.add_spiffe("carol", bundle=both)

@@ -186,6 +186,17 @@ def test_full_backlog_is_rebuilt(state: RegistryState, changes: int, max_deltas:
     assert _fold(again) == _fold([state.full_snapshot()])
 
 
+def test_full_backlog_follows_bundles_that_change_without_a_revision() -> None:
+    """With SPIFFE credentials the Workload API rotates bundles on its own schedule."""
+    current = [pb.TrustBundle(trust_domain=TD, x509_authorities=[b"OLD-CA"])]
+    state = RegistryState(MemoryStore(), lambda: list(current))
+    first, _ = state.full_backlog()
+    current[:] = [pb.TrustBundle(trust_domain=TD, x509_authorities=[b"NEW-CA"])]
+    again, _ = state.full_backlog()
+    assert again[0] is not first[0]
+    assert _fold(again)[("bundle", TD)] == current[0].SerializeToString()
+
+
 # -- watchers ------------------------------------------------------------------------------------
 
 
