@@ -199,6 +199,7 @@ class ChainCache:
         does not verify at that time or its key is not an EC key."""
         with self._lock:
             found = self._keys.get(chain_der)
+            version = self._bundles_version
         if isinstance(found, IssuerKey) and found.not_before_ms <= at_ms <= found.not_after_ms:
             return found
         at = datetime.fromtimestamp(at_ms / 1000, UTC)
@@ -220,7 +221,8 @@ class ChainCache:
             min(to_ms(c.not_valid_after_utc) for c in window),
         )
         with self._lock:
-            self._keys.put(chain_der, entry)
+            if version == self._bundles_version:  # else verified against replaced bundles
+                self._keys.put(chain_der, entry)
         return entry
 
     # -- policy decisions -----------------------------------------------------------
@@ -233,10 +235,15 @@ class ChainCache:
         generation = snapshot.generation
         owner = self._policy_owner
         if owner is not None and owner[0]() is snapshot and owner[1] == generation:
-            # A hit takes no lock: each OrderedDict call is atomic, and an entry that
-            # another thread evicts meanwhile is still a correct answer.
+            # A hit takes no lock: each OrderedDict call is atomic, an entry that another
+            # thread evicts meanwhile is still a correct answer, and an owner replaced
+            # meanwhile (a new tuple: the entries may be another snapshot's) is seen.
             found = self._policies.entries.get(key)
-            if isinstance(found, Verdict) and now_ms < found.valid_until_ms:
+            if (
+                isinstance(found, Verdict)
+                and now_ms < found.valid_until_ms
+                and self._policy_owner is owner
+            ):
                 try:  # noqa: SIM105 (contextlib.suppress costs more on this path)
                     self._policies.entries.move_to_end(key)
                 except KeyError:

@@ -19,7 +19,7 @@ class Callers:
     An entry is used only for the same chain, checked by the same `PeerVerifier` (a
     new bundle set means a new verifier), and only inside a validity window that is
     never wider than the verified chain's: the intersection of every presented
-    certificate's and of every bundle CA's whose subject issued the topmost one.
+    certificate's and of every CA's in the caller's trust-domain bundle.
     Otherwise (and at a chain's first call) the verifier decides, as before. Only
     chains that verified are remembered.
     """
@@ -58,8 +58,11 @@ def _validity(
         certs = [x509.load_der_x509_certificate(der) for der in chain]
     except ValueError:
         return None
-    top_issuer = certs[-1].issuer
-    certs.extend(ca for ca in bundle.authorities if ca.subject == top_issuer)
+    # Every authority of the caller's trust domain, not only the one that issued the
+    # last presented certificate: the peer chooses what it presents (an unrelated
+    # certificate appended would leave the real anchor out), and a narrower window
+    # only costs a call to the verifier.
+    certs.extend(bundle.authorities)
     return (
         max(c.not_valid_before_utc for c in certs),
         min(c.not_valid_after_utc for c in certs),
