@@ -6,29 +6,39 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 
-def _sidecar_processes() -> set[int]:
+def _sidecar_processes(mark: str) -> set[int]:
+    """Sidecar processes that inherited `TRUSTMESH_TEST_MARK=mark` (this run's demo's,
+    not those of another test run on the same machine)."""
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"trustmesh" in b" ".join(cmdline) and b"sidecar" in cmdline and b"run" in cmdline:
+        if (
+            b"trustmesh" in b" ".join(cmdline)
+            and b"sidecar" in cmdline
+            and b"run" in cmdline
+            and f"TRUSTMESH_TEST_MARK={mark}".encode() in environ
+        ):
             found.add(int(entry.name))
     return found
 
 
 def test_demo_runs_the_scenario_and_leaves_nothing_behind() -> None:
-    before = _sidecar_processes()
+    mark = uuid.uuid4().hex
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "trustmesh", "demo"],
-        check=False, capture_output=True, text=True, timeout=60, env=dict(os.environ),
+        check=False, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "TRUSTMESH_TEST_MARK": mark},
     )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
@@ -56,4 +66,4 @@ def test_demo_runs_the_scenario_and_leaves_nothing_behind() -> None:
         in tree
     )
     assert elapsed < 30, f"demo took {elapsed:.1f}s"
-    assert _sidecar_processes() - before == set(), "the demo left sidecar processes behind"
+    assert _sidecar_processes(mark) == set(), "the demo left sidecar processes behind"
