@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import hpack
 import pytest
+from h2_memory import MemoryTransport
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -220,31 +221,6 @@ def test_bit_flipped_and_truncated_streams(frames: list[bytes], where: int, bit:
 
 
 # -- fuzzing a whole connection ------------------------------------------------------------
-
-
-class MemoryTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.closing = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out += data
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 4242) if name == "peername" else default
 
 
 def goaways(out: bytes) -> Iterator[int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from h2_memory import MemoryTransport
 
 from trustmesh_sidecar.h2 import frames as f
 from trustmesh_sidecar.h2.config import H2Config
@@ -14,31 +15,6 @@ from trustmesh_sidecar.h2.connection import H2Connection
 from trustmesh_sidecar.h2.frames import ErrorCode
 
 TIMEOUT = 0.05
-
-
-class Transport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.closing = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out += data
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 4242) if name == "peername" else default
 
 
 def goaway_codes(out: bytes, *, client: bool) -> list[int]:
@@ -56,7 +32,7 @@ def peer_settings(*, ack: bool) -> bytes:
 async def test_unacknowledged_settings_close_the_connection(client: bool, ack: bool) -> None:
     conn = H2Connection(H2Config(settings_ack_timeout_s=TIMEOUT), client=client,
                         on_request=lambda *a: None)
-    transport = Transport()
+    transport = MemoryTransport()
     conn.connection_made(transport)
     conn.data_received((b"" if client else f.PREFACE) + peer_settings(ack=ack))
     await asyncio.sleep(TIMEOUT * 3)
@@ -72,7 +48,7 @@ async def test_unacknowledged_settings_close_the_connection(client: bool, ack: b
 
 async def test_a_late_ack_is_in_time_until_the_timer_fires() -> None:
     conn = H2Connection(H2Config(settings_ack_timeout_s=TIMEOUT * 2), client=True)
-    transport = Transport()
+    transport = MemoryTransport()
     conn.connection_made(transport)
     conn.data_received(peer_settings(ack=False))
     await asyncio.sleep(TIMEOUT)
