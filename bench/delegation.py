@@ -101,8 +101,13 @@ def _mesh() -> tuple[CertificateAuthority, dict[str, X509Svid], Snapshot]:
 
 
 def _hops(
-    svids: dict[str, X509Svid], depth: int, chain: bytes | None, start: int, stop: int,
-    *, sign_last: bool = True,
+    svids: dict[str, X509Svid],
+    depth: int,
+    chain: bytes | None,
+    start: int,
+    stop: int,
+    *,
+    sign_last: bool = True,
 ) -> bytes:
     """Hops start..stop-1 of orchestrator -> ... -> tool through `depth` distinct issuers."""
     names = [*AGENTS[:depth], "tool"]
@@ -164,7 +169,9 @@ def run(rounds: int, calls: int) -> dict[str, Any]:
     bundles = BundleSet.of(ca.bundle())
     now = NOW + timedelta(seconds=1)
 
-    def verifier_for(depth: int, cache: ChainCache, verifier: PeerVerifier) -> Callable[[bytes], None]:
+    def verifier_for(
+        depth: int, cache: ChainCache, verifier: PeerVerifier
+    ) -> Callable[[bytes], None]:
         peer, local = sid(AGENTS[depth - 1]), sid("tool")
 
         def verify(chain: bytes) -> None:

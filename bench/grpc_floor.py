@@ -235,7 +235,9 @@ async def run(rounds: int, calls: int, tput_calls: int, inflight: int) -> dict[s
         "calls_per_round": calls,
         "throughput_calls": tput_calls,
         "inflight": inflight,
-        "paths": {n: {k: statistics.median(r[k] for r in v) for k in keys} for n, v in rows.items()},
+        "paths": {
+            n: {k: statistics.median(r[k] for r in v) for k in keys} for n, v in rows.items()
+        },
     }
     direct = summary["paths"]["direct"]
     for values in summary["paths"].values():

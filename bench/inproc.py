@@ -31,16 +31,29 @@ def mesh_docs() -> list[rpb.ManifestDocument]:
         return rpb.ManifestDocument(source=f"bench/{name}", json=json.dumps(body))
 
     def agent(name: str) -> rpb.ManifestDocument:
-        return doc("Agent", name, {"spiffeId": f"spiffe://demo.local/agents/{name}",
-                                   "blueprint": "bench", "sponsor": "bench@example.com"})
+        return doc(
+            "Agent",
+            name,
+            {
+                "spiffeId": f"spiffe://demo.local/agents/{name}",
+                "blueprint": "bench",
+                "sponsor": "bench@example.com",
+            },
+        )
 
     return [
         doc("AgentBlueprint", "bench", {"allowedMethods": ["/bench.Echo/*"]}),
         agent("client"),
         agent("server"),
-        doc("AccessPolicy", "bench", {"callers": [{"name": "client"}],
-                                      "callees": [{"name": "server"}],
-                                      "methods": ["/bench.Echo/*"]}),
+        doc(
+            "AccessPolicy",
+            "bench",
+            {
+                "callers": [{"name": "client"}],
+                "callees": [{"name": "server"}],
+                "methods": ["/bench.Echo/*"],
+            },
+        ),
     ]
 
 

@@ -60,6 +60,7 @@ AGENTS = {
 UNREGISTERED = ("ghost",)
 DISABLED = ("disabled-worker",)
 
+
 def _blueprint(bp: str) -> str:
     return (
         "---\napiVersion: trustmesh.dev/v1alpha1\nkind: AgentBlueprint\n"
@@ -236,26 +237,50 @@ def token_cases(keys: dict[str, Any]) -> dict[str, Any]:
         ("valid-es256", jws(es, {**base, "aud": ["other", "trustmesh"]}, ec_key), valid),
         ("valid-within-leeway", jws(rs, {**base, "exp": t - 10}, rsa_key), valid),
         ("expired", jws(rs, {**base, "exp": t - 60}, rsa_key), {"error": "expired at"}),
-        ("not-yet-valid", jws(rs, {**base, "nbf": t + 120}, rsa_key),
-         {"error": "not valid before"}),
-        ("wrong-audience", jws(rs, {**base, "aud": "someone-else"}, rsa_key),
-         {"error": "audience is not one of trustmesh"}),
-        ("unknown-issuer", jws(rs, {**base, "iss": "https://evil.example"}, rsa_key),
-         {"error": "is not a configured issuer"}),
-        ("alg-none", jws({"alg": "none", "kid": "rsa-1"}, base, None),
-         {"error": "algorithm 'none' is not accepted"}),
-        ("alg-hs256-key-confusion", jws({"alg": "HS256", "kid": "rsa-1"}, base, public_pem),
-         {"error": "algorithm 'HS256' is not accepted"}),
+        (
+            "not-yet-valid",
+            jws(rs, {**base, "nbf": t + 120}, rsa_key),
+            {"error": "not valid before"},
+        ),
+        (
+            "wrong-audience",
+            jws(rs, {**base, "aud": "someone-else"}, rsa_key),
+            {"error": "audience is not one of trustmesh"},
+        ),
+        (
+            "unknown-issuer",
+            jws(rs, {**base, "iss": "https://evil.example"}, rsa_key),
+            {"error": "is not a configured issuer"},
+        ),
+        (
+            "alg-none",
+            jws({"alg": "none", "kid": "rsa-1"}, base, None),
+            {"error": "algorithm 'none' is not accepted"},
+        ),
+        (
+            "alg-hs256-key-confusion",
+            jws({"alg": "HS256", "kid": "rsa-1"}, base, public_pem),
+            {"error": "algorithm 'HS256' is not accepted"},
+        ),
         ("unknown-kid", jws({**rs, "kid": "nope"}, base, rsa_key), {"error": "has no key 'nope'"}),
         ("bad-signature", ".".join(tampered), {"error": "signature does not verify"}),
         ("missing-exp", jws(rs, without("exp"), rsa_key), {"error": "the 'exp' claim is missing"}),
         ("missing-sub", jws(rs, without("sub"), rsa_key), {"error": "the 'sub' claim is missing"}),
-        ("alg-key-mismatch", jws({**es, "kid": "rsa-1"}, base, ec_key),
-         {"error": "is not an EC P-256 key"}),
-        ("crit-header", jws({**rs, "crit": ["exp"]}, base, rsa_key),
-         {"error": "critical header parameters"}),
-        ("claim-not-text", jws(rs, {**base, "groups": {"a": 1}}, rsa_key),
-         {"error": "claim 'groups' holds dict"}),
+        (
+            "alg-key-mismatch",
+            jws({**es, "kid": "rsa-1"}, base, ec_key),
+            {"error": "is not an EC P-256 key"},
+        ),
+        (
+            "crit-header",
+            jws({**rs, "crit": ["exp"]}, base, rsa_key),
+            {"error": "critical header parameters"},
+        ),
+        (
+            "claim-not-text",
+            jws(rs, {**base, "groups": {"a": 1}}, rsa_key),
+            {"error": "claim 'groups' holds dict"},
+        ),
         ("oversized", jws(rs, {**base, "pad": "x" * 9000}, rsa_key), {"error": "over the 8192"}),
         ("not-a-jwt", "not.a.jwt", {"error": "not a well-formed JWT"}),
     ]

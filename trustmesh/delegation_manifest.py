@@ -51,7 +51,10 @@ def _user_from_doc(r: DocumentReader, value: object, field: str) -> UserMatch:
     if not isinstance(raw, dict):
         r.fail(f"{field}.claims", "must be a mapping of claim name to required value")
     claims = tuple(
-        sorted((r.string(k, f"{field}.claims"), r.string(v, f"{field}.claims.{k}")) for k, v in raw.items())
+        sorted(
+            (r.string(k, f"{field}.claims"), r.string(v, f"{field}.claims.{k}"))
+            for k, v in raw.items()
+        )
     )
     try:
         return UserMatch(issuer, subject, claims)

@@ -99,7 +99,9 @@ class InboundContextInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mis
         return await continuation(handler_call_details)
 
 
-def _with_metadata(details: grpc.aio.ClientCallDetails, target: str | None) -> grpc.aio.ClientCallDetails:
+def _with_metadata(
+    details: grpc.aio.ClientCallDetails, target: str | None
+) -> grpc.aio.ClientCallDetails:
     metadata = list(details.metadata or ())
     present = {k for k, _ in metadata}
     ctx = _current.get()
@@ -169,7 +171,9 @@ def a2a_channel_factory(
         else:
             host = urlsplit(url if "://" in url else f"grpc://{url}").hostname
             if not host:
-                raise ValueError(f"cannot tell which agent {url!r} names; pass agents={{url: name}}")
+                raise ValueError(
+                    f"cannot tell which agent {url!r} names; pass agents={{url: name}}"
+                )
             target = host
         return sidecar_channel(target, outbound=outbound)
 

@@ -296,7 +296,10 @@ def start_call_span(
                 trace_id, parent_flags = parent
                 flags = parent_flags & (trace.TraceFlags.SAMPLED | _RANDOM_TRACE_ID)
             span_context = trace.SpanContext(
-                trace_id, ids.generate_span_id(), is_remote=False, trace_flags=trace.TraceFlags(flags)
+                trace_id,
+                ids.generate_span_id(),
+                is_remote=False,
+                trace_flags=trace.TraceFlags(flags),
             )
             return trace.NonRecordingSpan(span_context)
     return start_span(

@@ -194,7 +194,9 @@ class UserTokenVerifier:
         if alg not in ALGORITHMS:
             raise _fail(f"algorithm {_quote(alg)} is not accepted (only {', '.join(ALGORITHMS)})")
         if "crit" in header:
-            raise _fail("the token has critical header parameters ('crit'), which are not supported")
+            raise _fail(
+                "the token has critical header parameters ('crit'), which are not supported"
+            )
         try:
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError as e:
@@ -254,9 +256,7 @@ def _check_key(key: PublicKey, alg: str, kid: str) -> None:
             raise _fail(f"key {kid!r} is not an RSA key, but the token is RS256")
         if key.key_size < MIN_RSA_BITS:
             raise _fail(f"key {kid!r} is RSA-{key.key_size}; at least {MIN_RSA_BITS} bits needed")
-    elif not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
-        key.curve, ec.SECP256R1
-    ):
+    elif not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise _fail(f"key {kid!r} is not an EC P-256 key, but the token is ES256")
 
 

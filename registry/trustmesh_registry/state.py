@@ -120,7 +120,9 @@ class RegistryState:
         self.closing = False
         for spiffe_id, instance_id, address in store.load_endpoints():
             key = (spiffe_id, instance_id)
-            self.endpoints[key] = pb.Endpoint(spiffe_id=spiffe_id, instance_id=instance_id, address=address)
+            self.endpoints[key] = pb.Endpoint(
+                spiffe_id=spiffe_id, instance_id=instance_id, address=address
+            )
             self._stale.add(key)
 
     # -- reads -------------------------------------------------------------------
@@ -251,9 +253,7 @@ class RegistryState:
             elif isinstance(res, AccessPolicy):
                 changes.append(rpb.Change(put_policy=wire.policy_to_pb(res)))
             else:
-                changes.append(
-                    rpb.Change(put_delegation_policy=wire.delegation_policy_to_pb(res))
-                )
+                changes.append(rpb.Change(put_delegation_policy=wire.delegation_policy_to_pb(res)))
         if changed_blueprints:  # effective attributes of their agents may have changed
             changes += [
                 rpb.Change(put_agent=self._agent_pb(a))

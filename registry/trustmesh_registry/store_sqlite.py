@@ -113,7 +113,8 @@ class SqliteStore:
     def delete_endpoint(self, spiffe_id: str, instance_id: str) -> None:
         with self._tx():
             self._db.execute(
-                "DELETE FROM endpoints WHERE spiffe_id = ? AND instance_id = ?", (spiffe_id, instance_id)
+                "DELETE FROM endpoints WHERE spiffe_id = ? AND instance_id = ?",
+                (spiffe_id, instance_id),
             )
 
     def load_endpoints(self) -> list[tuple[str, str, str]]:

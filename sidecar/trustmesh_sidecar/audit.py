@@ -70,7 +70,9 @@ class Audit:
         self._entries: list[_AuditEntry] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def __call__(self, side: str, caller: str, callee: str, method: str, decision: Decision) -> None:
+    def __call__(
+        self, side: str, caller: str, callee: str, method: str, decision: Decision
+    ) -> None:
         if not audit.isEnabledFor(logging.INFO):
             return
         entry = (time(), side, caller, callee, method, decision)

@@ -76,7 +76,9 @@ class Outgoing:
         self.drop_authorization = drop_authorization
 
 
-def _user_origin(state: SidecarState, headers: Headers) -> tuple[UserOrigin | None, bool] | Decision:
+def _user_origin(
+    state: SidecarState, headers: Headers
+) -> tuple[UserOrigin | None, bool] | Decision:
     explicit = hdr.value_of(headers, hdr.USER_TOKEN)
     bearer = hdr.bearer_token(headers)
     if explicit is None and (bearer is None or state.user_tokens is None):

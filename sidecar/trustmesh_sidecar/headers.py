@@ -106,7 +106,9 @@ def kept(headers: Headers) -> Headers:
 AUTHORIZATION = "authorization"
 
 
-def for_peer(agent_headers: Headers, chain: bytes | None, *, drop_authorization: bool) -> list[Header]:
+def for_peer(
+    agent_headers: Headers, chain: bytes | None, *, drop_authorization: bool
+) -> list[Header]:
     """Headers from the agent, as sent on to the callee's sidecar, with our chain."""
     out = strip_reserved(agent_headers)
     if drop_authorization:  # the bearer token was ours to verify; it stops here

@@ -52,7 +52,9 @@ def load_issuers(path: Path) -> tuple[IssuerConfig, ...]:
         out.append(
             IssuerConfig(
                 issuer=str(item["issuer"]),
-                audience=tuple(str(a) for a in audience) if isinstance(audience, list) else str(audience),
+                audience=tuple(str(a) for a in audience)
+                if isinstance(audience, list)
+                else str(audience),
                 jwks=FileJwks(jwks),
                 claims=tuple(str(c) for c in item.get("claims") or ()),
             )

@@ -46,6 +46,7 @@ from trustmesh_sidecar.state import SidecarState
 
 __all__ = ["InboundRouter", "OutboundRouter"]
 
+
 class _SpanObserver:
     """Ends the call's span with the final status; frees the in-flight slot."""
 
@@ -313,7 +314,9 @@ class InboundRouter:
                     state, with_chain, entry.caller, entry.method, at=entry.started
                 ).decision
             if not decision.allowed:
-                self._audit("inbound", str(entry.caller), str(state.spiffe_id), entry.method, decision)
+                self._audit(
+                    "inbound", str(entry.caller), str(state.spiffe_id), entry.method, decision
+                )
                 state.counters.denied += 1
                 self._open.pop(key, None)
                 entry.control.abort(
@@ -425,7 +428,9 @@ class OutboundRouter:
             return None
         if me.disabled:
             reason = f": {me.disabled_reason}" if me.disabled_reason else ""
-            return Decision.deny(Reason.AGENT_DISABLED, f"this agent ({me.name}) is disabled{reason}")
+            return Decision.deny(
+                Reason.AGENT_DISABLED, f"this agent ({me.name}) is disabled{reason}"
+            )
         if me.expired(now):
             return Decision.deny(Reason.AGENT_EXPIRED, f"this agent ({me.name}) has expired")
         return None
@@ -448,7 +453,8 @@ class OutboundRouter:
             decision = Decision.deny(Reason.NO_SNAPSHOT, "the sidecar has no registry snapshot yet")
         elif self._inflight >= self._limits.max_inflight_calls:
             decision = Decision.deny(
-                Reason.LIMIT_EXCEEDED, f"more than {self._limits.max_inflight_calls} calls in flight"
+                Reason.LIMIT_EXCEEDED,
+                f"more than {self._limits.max_inflight_calls} calls in flight",
             )
         if decision is not None:
             self._audit("outbound", me, str(target or ""), call.method, decision)

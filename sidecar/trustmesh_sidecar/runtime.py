@@ -156,7 +156,9 @@ class Sidecar:
         self.state = state
         engine: GrpcEngine | H2Engine
         if cfg.engine == "grpc":
-            engine = GrpcEngine(svid, bundles, limits=cfg.limits, bridge_dir=cfg.data_dir / "bridge")
+            engine = GrpcEngine(
+                svid, bundles, limits=cfg.limits, bridge_dir=cfg.data_dir / "bridge"
+            )
         else:
             engine = engine_select.build(
                 cfg.engine, svid, bundles, limits=cfg.limits, bridge_dir=cfg.data_dir / "bridge"

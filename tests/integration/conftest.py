@@ -31,7 +31,9 @@ async def trio(mesh: Mesh) -> AsyncIterator[Mesh]:
     """alice -> bob allowed on every Echo method; carol registered, no policy; bob -> alice none."""
     await mesh.apply(
         blueprint("any"),
-        agent("alice"), agent("bob"), agent("carol"),
+        agent("alice"),
+        agent("bob"),
+        agent("carol"),
         policy("alice-calls-bob", ["alice"], ["bob"], ["/test.Echo/*"]),
     )
     for name in ("alice", "bob", "carol"):

@@ -52,8 +52,12 @@ async def pair(tmp_path: Path, **kw: Any) -> AsyncIterator[Mesh]:
     """alice -> bob on a mesh with its own settings (limits, SVID TTL)."""
     mesh = await Mesh(tmp_path, **kw).start()
     try:
-        await mesh.apply(blueprint("any"), agent("alice"), agent("bob"),
-                         policy("alice-calls-bob", ["alice"], ["bob"], ["/test.Echo/*"]))
+        await mesh.apply(
+            blueprint("any"),
+            agent("alice"),
+            agent("bob"),
+            policy("alice-calls-bob", ["alice"], ["bob"], ["/test.Echo/*"]),
+        )
         yield await start_nodes(mesh, "alice", "bob")
     finally:
         await mesh.stop()
@@ -100,15 +104,22 @@ def issue(ca: CertificateAuthority, spiffe_id: str | SpiffeId) -> X509Svid:
     return X509Svid(sid, (cert,), key)
 
 
-async def dial(mesh: Mesh, callee: Node, svid: X509Svid | None, *, body: bytes = b"ping",
-               metadata: tuple[tuple[str, str], ...] = ()) -> bytes:
+async def dial(
+    mesh: Mesh,
+    callee: Node,
+    svid: X509Svid | None,
+    *,
+    body: bytes = b"ping",
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> bytes:
     """One unary call straight to `callee`'s inbound port with grpcio (via the TLS bridge)."""
     bundles = mesh_bundles(mesh)
     channels = MeshChannels(lambda: (svid, bundles))
     try:
         channel = await channels.get(callee.sidecar.inbound_address, callee.spiffe_id)
         reply: bytes = await channel.unary_unary(f"/{ECHO}/Unary")(
-            body, metadata=metadata, timeout=WAIT)
+            body, metadata=metadata, timeout=WAIT
+        )
         return reply
     finally:
         await channels.close()
@@ -122,7 +133,7 @@ async def still_serves(mesh: Mesh) -> None:
 
 
 def impostor(mesh: Mesh) -> X509Svid | None:
-    other = CertificateAuthority.create(TrustDomain.parse(TD), now=datetime.now(UTC),
-                                        ttl=timedelta(days=1))
+    other = CertificateAuthority.create(
+        TrustDomain.parse(TD), now=datetime.now(UTC), ttl=timedelta(days=1)
+    )
     return issue(other, ALICE)
-

@@ -255,4 +255,3 @@ def foreign_agent(name: str, spiffe_id: SpiffeId) -> dict[str, Any]:
     doc = agent(name)
     doc["spec"]["spiffeId"] = str(spiffe_id)
     return doc
-

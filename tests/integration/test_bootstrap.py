@@ -94,7 +94,9 @@ async def test_token_used_twice_fails_the_second_time(mesh: Mesh) -> None:
 
 
 @pytest.mark.parametrize(("uses", "attempts"), [(1, 8), (3, 8)], ids=["uses-1", "uses-3"])
-async def test_concurrent_joins_spend_exactly_the_uses(mesh: Mesh, uses: int, attempts: int) -> None:
+async def test_concurrent_joins_spend_exactly_the_uses(
+    mesh: Mesh, uses: int, attempts: int
+) -> None:
     sid = agent_id("replica")
     token = await mesh.token(sid, uses=uses)
     results = await _join_many(mesh, [(token, _csr(generate_key(), sid)) for _ in range(attempts)])
@@ -117,11 +119,14 @@ def _hostile_csr(key: ec.EllipticCurvePrivateKey, case: str) -> bytes:
     elif case == "dns-san":
         sans.append(x509.DNSName("registry.test.local"))
     elif case == "extra-uri-sans":
-        sans += [x509.UniformResourceIdentifier(str(REGISTRY_ID)),
-                 x509.UniformResourceIdentifier("https://evil.example/")]
+        sans += [
+            x509.UniformResourceIdentifier(str(REGISTRY_ID)),
+            x509.UniformResourceIdentifier("https://evil.example/"),
+        ]
     elif case == "ca-true":
-        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None),
-                                        critical=True)
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=None), critical=True
+        )
     builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
@@ -160,8 +165,12 @@ async def test_csr_with_forged_signature_is_refused(mesh: Mesh) -> None:
 
 @pytest.mark.parametrize(
     "spiffe_id",
-    [f"spiffe://{TD}/operators/admin", f"spiffe://{TD}/operators/team/bob",
-     f"spiffe://{TD}/operators", str(REGISTRY_ID)],
+    [
+        f"spiffe://{TD}/operators/admin",
+        f"spiffe://{TD}/operators/team/bob",
+        f"spiffe://{TD}/operators",
+        str(REGISTRY_ID),
+    ],
     ids=["operator", "nested-operator", "operators-root", "registry"],
 )
 async def test_no_tokens_for_reserved_ids(mesh: Mesh, spiffe_id: str) -> None:
@@ -195,9 +204,7 @@ async def impostor(tmp_path: Path) -> AsyncIterator[Impostor]:
     """A second registry for the same trust domain, with its own CA; records tokens it sees."""
     data = tmp_path / "impostor"
     DataDir(data).init(TrustDomain.parse(TD), now=_now(), registry_address="127.0.0.1:0")
-    server = RegistryServer(
-        ServeConfig(data, listen="127.0.0.1:0", bootstrap_listen="127.0.0.1:0")
-    )
+    server = RegistryServer(ServeConfig(data, listen="127.0.0.1:0", bootstrap_listen="127.0.0.1:0"))
     seen: list[str] = []
     attest = server.attestor.attest
 
@@ -213,16 +220,23 @@ async def impostor(tmp_path: Path) -> AsyncIterator[Impostor]:
         await server.stop(0.2)
 
 
-def _credentials(tmp_path: Path, target: RegistryServer, token: str, **trust: object
-                 ) -> RegistryCredentials:
+def _credentials(
+    tmp_path: Path, target: RegistryServer, token: str, **trust: object
+) -> RegistryCredentials:
     return RegistryCredentials(
-        agent_id("alice"), registry=target.address, bootstrap=target.bootstrap_address,
-        data_dir=tmp_path / "sc", clock=_now, join_token=token, **trust,  # type: ignore[arg-type]
+        agent_id("alice"),
+        registry=target.address,
+        bootstrap=target.bootstrap_address,
+        data_dir=tmp_path / "sc",
+        clock=_now,
+        join_token=token,
+        **trust,  # type: ignore[arg-type]
     )
 
 
-async def test_pinned_fingerprint_refuses_an_impostor(mesh: Mesh, impostor: Impostor,
-                                                      tmp_path: Path) -> None:
+async def test_pinned_fingerprint_refuses_an_impostor(
+    mesh: Mesh, impostor: Impostor, tmp_path: Path
+) -> None:
     assert mesh.registry is not None
     pin = ca_fingerprint(mesh.registry.ca.cert)
     assert pin != ca_fingerprint(impostor.server.ca.cert)
@@ -236,12 +250,14 @@ async def test_pinned_fingerprint_refuses_an_impostor(mesh: Mesh, impostor: Impo
     assert not (tmp_path / "sc" / "svid.key").exists()
 
 
-async def test_control_pinning_the_impostor_hands_it_the_token(mesh: Mesh, impostor: Impostor,
-                                                                tmp_path: Path) -> None:
+async def test_control_pinning_the_impostor_hands_it_the_token(
+    mesh: Mesh, impostor: Impostor, tmp_path: Path
+) -> None:
     """The recorder works: with the impostor's own pin the token does reach it."""
     token = await mesh.token(agent_id("alice"))
-    creds = _credentials(tmp_path, impostor.server, token,
-                         ca_fingerprint=ca_fingerprint(impostor.server.ca.cert))
+    creds = _credentials(
+        tmp_path, impostor.server, token, ca_fingerprint=ca_fingerprint(impostor.server.ca.cert)
+    )
     with pytest.raises(BootstrapError):
         await asyncio.wait_for(creds.obtain(), 15)
     assert impostor.seen_tokens == [token]
@@ -250,14 +266,16 @@ async def test_control_pinning_the_impostor_hands_it_the_token(mesh: Mesh, impos
 async def test_pinned_fingerprint_accepts_the_real_registry(mesh: Mesh, tmp_path: Path) -> None:
     assert mesh.registry is not None
     pin = ca_fingerprint(mesh.registry.ca.cert).upper().replace("SHA256:", "sha256:")
-    creds = _credentials(tmp_path, mesh.registry, await mesh.token(agent_id("alice")),
-                         ca_fingerprint=pin)
+    creds = _credentials(
+        tmp_path, mesh.registry, await mesh.token(agent_id("alice")), ca_fingerprint=pin
+    )
     svid = await asyncio.wait_for(creds.obtain(), 15)
     assert svid.spiffe_id == agent_id("alice")
 
 
-async def test_bundle_file_refuses_an_impostor(mesh: Mesh, impostor: Impostor,
-                                               tmp_path: Path) -> None:
+async def test_bundle_file_refuses_an_impostor(
+    mesh: Mesh, impostor: Impostor, tmp_path: Path
+) -> None:
     token = await mesh.token(agent_id("alice"))
     creds = _credentials(tmp_path, impostor.server, token, bundle_file=mesh.bundle_path)
     with pytest.raises(PeerAuthenticationError) as err:
@@ -280,12 +298,14 @@ def _registry_bytes(mesh: Mesh) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(root.glob("registry.db*")))
 
 
-async def test_private_key_stays_with_the_sidecar(mesh: Mesh, tmp_path: Path,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+async def test_private_key_stays_with_the_sidecar(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     assert mesh.registry is not None
     caplog.set_level(logging.DEBUG)
-    creds = _credentials(tmp_path, mesh.registry, await mesh.token(agent_id("alice")),
-                         bundle_file=mesh.bundle_path)
+    creds = _credentials(
+        tmp_path, mesh.registry, await mesh.token(agent_id("alice")), bundle_file=mesh.bundle_path
+    )
     svid = await asyncio.wait_for(creds.obtain(), 15)
     key_file = tmp_path / "sc" / "svid.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -306,7 +326,8 @@ async def test_private_key_stays_with_the_sidecar(mesh: Mesh, tmp_path: Path,
 async def test_join_tokens_are_stored_hashed(mesh: Mesh) -> None:
     token = await mesh.token(agent_id("alice"), uses=2)
     stored = _registry_bytes(mesh)
-    assert hashlib.sha256(token.encode()).hexdigest().encode() in stored  # we look in the right place
+    assert (
+        hashlib.sha256(token.encode()).hexdigest().encode() in stored
+    )  # we look in the right place
     assert token.encode() not in stored
     assert token.removeprefix("tmjt.").encode() not in stored
-

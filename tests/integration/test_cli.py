@@ -36,10 +36,18 @@ def _env(config: Path | None) -> dict[str, str]:
     return env
 
 
-def tm(*args: str, config: Path | None = None, cwd: Path | None = None,
-       timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "trustmesh", *args], capture_output=True,
-                          text=True, env=_env(config), cwd=cwd, timeout=timeout, check=False)
+def tm(
+    *args: str, config: Path | None = None, cwd: Path | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trustmesh", *args],
+        capture_output=True,
+        text=True,
+        env=_env(config),
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def one_error_line(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
@@ -81,9 +89,23 @@ def _serve(data: Path, log: Path) -> tuple[subprocess.Popen[str], str] | None:
     address, boot = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
     with log.open("a") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "trustmesh", "registry", "serve", "--data-dir", str(data),
-             "--listen", address, "--bootstrap-listen", boot],
-            stdout=subprocess.PIPE, stderr=err, text=True, env=_env(None),
+            [
+                sys.executable,
+                "-m",
+                "trustmesh",
+                "registry",
+                "serve",
+                "--data-dir",
+                str(data),
+                "--listen",
+                address,
+                "--bootstrap-listen",
+                boot,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=_env(None),
         )
     assert proc.stdout is not None
     deadline = time.monotonic() + 15
@@ -135,8 +157,12 @@ def _bp(name: str) -> dict[str, Any]:
 
 
 def _agent(name: str, bp: str, **spec: Any) -> dict[str, Any]:
-    fields: dict[str, Any] = {"spiffeId": f"spiffe://{TD}/agents/{name}", "blueprint": bp,
-                              "sponsor": "cli@example.com", **spec}
+    fields: dict[str, Any] = {
+        "spiffeId": f"spiffe://{TD}/agents/{name}",
+        "blueprint": bp,
+        "sponsor": "cli@example.com",
+        **spec,
+    }
     return _doc("Agent", name, **fields)
 
 
@@ -170,21 +196,26 @@ def test_registry_init_makes_private_files_and_refuses_twice(tmp_path: Path) -> 
 BAD = {
     "malformed-yaml": ("kind: Agent\nmetadata: {name: x\n", "#3: malformed YAML at line 2"),
     "unknown-kind": (_doc("Agnet", "x"), "#3: kind: unknown kind 'Agnet'"),
-    "missing-sponsor": (_doc("Agent", "x", spiffeId=f"spiffe://{TD}/agents/x", blueprint="cli-bp"),
-                        "#3: spec.sponsor: is required"),
-    "malformed-spiffe-id": (_agent("x", "cli-bp", spiffeId="spiffe://Test Local/x"),
-                            "#3: spec.spiffeId: Invalid SPIFFE ID 'spiffe://Test Local/x'"),
-    "reserved-spiffe-id": (_agent("x", "cli-bp", spiffeId=f"spiffe://{TD}/operators/x"),
-                           f"#3: spec.spiffeId: spiffe://{TD}/operators/x is reserved"),
+    "missing-sponsor": (
+        _doc("Agent", "x", spiffeId=f"spiffe://{TD}/agents/x", blueprint="cli-bp"),
+        "#3: spec.sponsor: is required",
+    ),
+    "malformed-spiffe-id": (
+        _agent("x", "cli-bp", spiffeId="spiffe://Test Local/x"),
+        "#3: spec.spiffeId: Invalid SPIFFE ID 'spiffe://Test Local/x'",
+    ),
+    "reserved-spiffe-id": (
+        _agent("x", "cli-bp", spiffeId=f"spiffe://{TD}/operators/x"),
+        f"#3: spec.spiffeId: spiffe://{TD}/operators/x is reserved",
+    ),
     "unknown-blueprint": (_agent("x", "nope"), "#3: spec.blueprint: AgentBlueprint 'nope'"),
 }
 
 
-@pytest.mark.parametrize(
-    "case", list(BAD)
-)
-def test_bad_manifest_is_one_line_and_applies_nothing(registry: Registry, tmp_path: Path,
-                                                      case: str) -> None:
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_manifest_is_one_line_and_applies_nothing(
+    registry: Registry, tmp_path: Path, case: str
+) -> None:
     bad, where = BAD[case]
     name = f"good-{case}"
     path = _write(tmp_path / "bad.yaml", _bp("cli-bp"), _agent(name, "cli-bp"), bad)
@@ -202,11 +233,17 @@ def test_bad_manifest_is_one_line_and_applies_nothing(registry: Registry, tmp_pa
     [
         (["apply"], 2, "the following arguments are required: -f/--filename"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
-        (["token", "create", "spiffe://x/y", "--ttl", "banana"], 1,
-         "trustmesh: error: bad duration 'banana': use a number and a unit"),
+        (
+            ["token", "create", "spiffe://x/y", "--ttl", "banana"],
+            1,
+            "trustmesh: error: bad duration 'banana': use a number and a unit",
+        ),
         (["token", "create", "alice"], 1, "trustmesh: error: Invalid SPIFFE ID 'alice'"),
-        (["apply", "-f", "missing.yaml"], 1,
-         "trustmesh: error: cannot read missing.yaml: No such file or directory"),
+        (
+            ["apply", "-f", "missing.yaml"],
+            1,
+            "trustmesh: error: cannot read missing.yaml: No such file or directory",
+        ),
     ],
     ids=["apply-without-f", "unknown-command", "bad-ttl", "bad-spiffe-id", "missing-file"],
 )
@@ -225,7 +262,8 @@ def test_wrong_flags_are_clear(tmp_path: Path, argv: list[str], code: int, messa
 def test_json_output_and_operator_state(registry: Registry, tmp_path: Path) -> None:
     manifest = _write(tmp_path / "a.yaml", _bp("json-bp"), _agent("json-agent", "json-bp"))
     assert registry.ok("apply", "-f", str(manifest)).splitlines() == [
-        "AgentBlueprint/json-bp created", "Agent/json-agent created",
+        "AgentBlueprint/json-bp created",
+        "Agent/json-agent created",
     ]
     agents = registry.get_json("agents")
     assert isinstance(agents, list)
@@ -247,7 +285,8 @@ def test_json_output_and_operator_state(registry: Registry, tmp_path: Path) -> N
     assert (st["state"], st["disabledReason"]) == ("Disabled", "incident-7")
 
     assert registry.ok("apply", "-f", str(manifest)).splitlines() == [
-        "AgentBlueprint/json-bp unchanged", "Agent/json-agent unchanged",
+        "AgentBlueprint/json-bp unchanged",
+        "Agent/json-agent unchanged",
     ]
     changed = _write(tmp_path / "b.yaml", _agent("json-agent", "json-bp", owners=["o@example.com"]))
     assert registry.ok("apply", "-f", str(changed)).splitlines() == ["Agent/json-agent configured"]
@@ -260,8 +299,9 @@ def test_json_output_and_operator_state(registry: Registry, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("flag", [["--ttl", "0s"], ["--uses", "0"]], ids=["ttl-0s", "uses-0"])
 def test_zero_token_ttl_or_uses_is_refused(registry: Registry, flag: list[str]) -> None:
-    result = tm("token", "create", f"spiffe://{TD}/agents/zero", *flag, "-o", "json",
-                config=registry.config)
+    result = tm(
+        "token", "create", f"spiffe://{TD}/agents/zero", *flag, "-o", "json", config=registry.config
+    )
     one_error_line(result)
 
 
@@ -276,8 +316,9 @@ def test_operator_renew_writes_a_new_cert(registry: Registry) -> None:
     out = registry.ok("operator", "renew")
     new_cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     assert new_cert.serial_number != old_cert.serial_number
-    assert out.startswith(f"renewed spiffe://{TD}/operators/admin: serial "
-                          f"{format(new_cert.serial_number, 'x')}")
+    assert out.startswith(
+        f"renewed spiffe://{TD}/operators/admin: serial {format(new_cert.serial_number, 'x')}"
+    )
     assert key_path.read_bytes() != old_key
     assert _mode(key_path) == 0o600
     san = new_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

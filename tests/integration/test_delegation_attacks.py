@@ -124,8 +124,14 @@ async def refusal(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
     return err.value.code(), err.value.details() or ""
 
 
-async def send(m: Mesh, app: str, target: str, *, chain: bytes | None = None,
-               metadata: tuple[tuple[str, str], ...] = ()) -> None:
+async def send(
+    m: Mesh,
+    app: str,
+    target: str,
+    *,
+    chain: bytes | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> None:
     """`app` calls `target` through its own sidecar, relaying `chain` if given."""
     md: list[tuple[str, str | bytes]] = [*metadata, *([(METADATA_KEY, chain)] if chain else [])]
     await unary(m.nodes[app].outbound, target, metadata=md)
@@ -152,8 +158,15 @@ async def chain_at_tool(m: Mesh) -> bytes:
 # -- crafting chains -------------------------------------------------------------------------
 
 
-def relay(chain: bytes | None, by: X509Svid, to: str, *, now: datetime | None = None,
-          ttl: timedelta | None = None, scopes: list[str] | None = None) -> bytes:
+def relay(
+    chain: bytes | None,
+    by: X509Svid,
+    to: str,
+    *,
+    now: datetime | None = None,
+    ttl: timedelta | None = None,
+    scopes: list[str] | None = None,
+) -> bytes:
     """A signed hop appended by `extend_chain`, with all its checks."""
     return extend_chain(chain, svid=by, audience=agent_id(to), method=UNARY,
                         now=now or datetime.now(UTC), nonce=secrets.token_bytes(16), ttl=ttl,
@@ -289,7 +302,11 @@ async def present(m: Mesh, peer: str, callee: str, chain: bytes) -> str:
 @pytest.mark.parametrize(("build", "peer", "callee", "expected", "why"),
                          [c[1:] for c in CRAFTED], ids=[c[0] for c in CRAFTED])  # fmt: skip
 async def test_crafted_chain_is_refused_before_the_app(
-    dm: Mesh, build: Callable[[Mesh], Awaitable[bytes]], peer: str, callee: str, expected: str,
+    dm: Mesh,
+    build: Callable[[Mesh], Awaitable[bytes]],
+    peer: str,
+    callee: str,
+    expected: str,
     why: str,
 ) -> None:
     chain = await build(dm)
@@ -318,7 +335,8 @@ async def test_garbage_chains_never_crash_the_inbound(dm: Mesh) -> None:
     assert len(dm.nodes["tool"].app.received) == seen
     await send(dm, "planner", "tool", chain=await chain_at_planner(dm))  # still serving
     assert dm.nodes["tool"].app.received[-1]["trustmesh-chain"] == chain_text(
-        "orchestrator", "planner", "tool")
+        "orchestrator", "planner", "tool"
+    )
 
 
 # -- through the sidecars --------------------------------------------------------------------
@@ -346,7 +364,10 @@ async def test_spoofed_origin_and_chain_headers_never_reach_the_app(dm: Mesh) ->
 async def test_delegation_policy_refuses_an_origin_it_does_not_list(dm: Mesh, idp: Idp) -> None:
     await send(dm, "carol", "planner")  # carol may call the planner; its chain is signed
     code, details = await refusal(send(dm, "planner", "tool", chain=received_chain(dm, "planner")))
-    assert (code, reason(details)) == (grpc.StatusCode.PERMISSION_DENIED, "chain_origin_not_allowed")
+    assert (code, reason(details)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "chain_origin_not_allowed",
+    )
     bearer = (("authorization", f"Bearer {idp.mint(groups=['interns'])}"),)
     await send(dm, "orchestrator", "planner", metadata=bearer)  # the planner serves any user
     code, details = await refusal(send(dm, "planner", "tool", chain=received_chain(dm, "planner")))
@@ -362,7 +383,8 @@ async def test_a_disabled_agent_ends_open_streams_and_voids_its_chains(dm: Mesh)
         hold = ch.unary_stream(f"/{ECHO}/Hold")(b"", metadata=md, timeout=15)
         assert await asyncio.wait_for(hold.read(), WAIT) == b"0"
         assert tool.app.received[-1]["trustmesh-chain"] == chain_text(
-            "orchestrator", "planner", "tool")
+            "orchestrator", "planner", "tool"
+        )
         await dm.disable("orchestrator", reason="incident 7")
 
         async def drain() -> None:

@@ -37,13 +37,18 @@ def test_demo_runs_the_scenario_and_leaves_nothing_behind() -> None:
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "trustmesh", "demo"],
-        check=False, capture_output=True, text=True, timeout=60,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "TRUSTMESH_TEST_MARK": mark},
     )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    table = out[out.index("calls (from exported spans):"):out.index("traces (from exported spans):")]
+    table = out[
+        out.index("calls (from exported spans):") : out.index("traces (from exported spans):")
+    ]
     rows = [line.split() for line in table.splitlines()[2:] if line.strip()]
     by_reason = {(r[0], r[1], r[2], r[4]) for r in rows}
     # The table is built from exported spans only; each scenario must be in it.
@@ -54,9 +59,14 @@ def test_demo_runs_the_scenario_and_leaves_nothing_behind() -> None:
     assert ("impostor", "planner", "/demo.Planner/Plan", "agent_not_registered") in by_reason
     assert ("orchestrator", "planner", "/demo.Planner/Plan", "agent_disabled") in by_reason
     # Delegation: mallory's orchestration is refused by the planner's DelegationPolicy.
-    assert ("orchestrator", "planner", "/demo.Planner/Plan", "chain_origin_not_allowed") in by_reason
+    assert (
+        "orchestrator",
+        "planner",
+        "/demo.Planner/Plan",
+        "chain_origin_not_allowed",
+    ) in by_reason
     # The trace tree links the planner's onward call under the orchestrator's call.
-    tree = out[out.index("traces (from exported spans):"):]
+    tree = out[out.index("traces (from exported spans):") :]
     assert "[server@planner] /demo.Planner/Plan" in tree
     assert "[client@planner] /demo.Tool/Invoke" in tree
     # alice's orchestration reached the tool with the verified chain on its span.

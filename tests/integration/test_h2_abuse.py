@@ -37,7 +37,10 @@ def h2(monkeypatch: pytest.MonkeyPatch) -> None:
 async def trio(h2: None, mesh: Mesh) -> Mesh:
     """As conftest's trio: alice -> bob allowed on Echo; carol registered, no policy."""
     await mesh.apply(
-        blueprint("any"), agent("alice"), agent("bob"), agent("carol"),
+        blueprint("any"),
+        agent("alice"),
+        agent("bob"),
+        agent("carol"),
         policy("alice-calls-bob", ["alice"], ["bob"], ["/test.Echo/*"]),
     )
     return await start_nodes(mesh, "alice", "bob", "carol")
@@ -47,17 +50,35 @@ async def trio(h2: None, mesh: Mesh) -> Mesh:
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
-    0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8, 0x9)
+    0x0,
+    0x1,
+    0x3,
+    0x4,
+    0x6,
+    0x7,
+    0x8,
+    0x9,
+)
 END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
 NO_ERROR, FLOW_CONTROL_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, CALM = (
-    0x0, 0x3, 0x7, 0x8, 0x9, 0xB)
+    0x0,
+    0x3,
+    0x7,
+    0x8,
+    0x9,
+    0xB,
+)
 
 Frame = tuple[int, int, int, bytes]
 
 
 def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return (len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + stream.to_bytes(4, "big")
-            + payload)
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes([ftype, flags])
+        + stream.to_bytes(4, "big")
+        + payload
+    )
 
 
 def split(address: str) -> tuple[str, int]:
@@ -79,12 +100,27 @@ class RawPeer:
     def start(self, settings: bytes = b"") -> None:
         self.send(PREFACE, frame(SETTINGS, 0, 0, settings))
 
-    def request(self, stream: int, *, target: str = "bob", method: str = f"/{ECHO}/Unary",
-                extra: list[tuple[str, str]] | None = None, end: bool = False) -> bytes:
-        block = self.enc.encode([
-            (":method", "POST"), (":scheme", "http"), (":path", method),
-            (":authority", "sidecar"), ("content-type", "application/grpc"), ("te", "trailers"),
-            ("trustmesh-target", target), *(extra or [])])
+    def request(
+        self,
+        stream: int,
+        *,
+        target: str = "bob",
+        method: str = f"/{ECHO}/Unary",
+        extra: list[tuple[str, str]] | None = None,
+        end: bool = False,
+    ) -> bytes:
+        block = self.enc.encode(
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", method),
+                (":authority", "sidecar"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                ("trustmesh-target", target),
+                *(extra or []),
+            ]
+        )
         return frame(HEADERS, END_HEADERS | (END_STREAM if end else 0), stream, block)
 
     async def read(self, until: Callable[[Frame], bool], timeout: float = WAIT) -> Frame | None:
@@ -136,8 +172,9 @@ async def tls_as_alice(mesh: Mesh, node: Node, tmp_path: Path) -> AsyncIterator[
     (tmp_path / "a.key").write_bytes(svid.key_pem())
     ctx.load_cert_chain(tmp_path / "a.crt", tmp_path / "a.key")
     async with asyncio.timeout(WAIT):
-        reader, writer = await asyncio.open_connection(*split(node.sidecar.inbound_address),
-                                                       ssl=ctx)
+        reader, writer = await asyncio.open_connection(
+            *split(node.sidecar.inbound_address), ssl=ctx
+        )
     try:
         yield RawPeer(reader, writer)
     finally:
@@ -159,8 +196,15 @@ def is_goaway(got: Frame) -> bool:
         ("inbound-raw", b"\x16\x03\x01\x40\x00" + b"\x01" * 10),  # a ClientHello cut short
         ("inbound-raw", PREFACE + frame(SETTINGS, 0, 0)),  # plaintext h2 on the TLS port
     ],
-    ids=["http1", "random", "ping-first", "tls-http1", "tls-huge-frame", "truncated-hello",
-         "plaintext-on-tls"],
+    ids=[
+        "http1",
+        "random",
+        "ping-first",
+        "tls-http1",
+        "tls-huge-frame",
+        "truncated-hello",
+        "plaintext-on-tls",
+    ],
 )
 async def test_bad_preface_closes_only_that_connection(
     trio: Mesh, tmp_path: Path, where: str, junk: bytes
@@ -214,7 +258,9 @@ async def test_continuation_flood_is_answered_with_enhance_your_calm(trio: Mesh)
     ],
     ids=["window-overflow", "undecodable-hpack", "data-on-idle-stream"],
 )
-async def test_protocol_errors_close_with_goaway(trio: Mesh, frames: list[bytes], code: int) -> None:
+async def test_protocol_errors_close_with_goaway(
+    trio: Mesh, frames: list[bytes], code: int
+) -> None:
     async with plain(trio.nodes["alice"]) as peer:
         peer.start()
         peer.send(*frames)
@@ -240,8 +286,10 @@ async def test_concurrent_streams_beyond_the_limit_are_refused(h2: None, tmp_pat
             peer.start()
             sleep = b"\x00\x00\x00\x00\x0210"  # a 2-byte message: "10" (seconds)
             for stream in (1, 3, 5, 7, 9):
-                peer.send(peer.request(stream, method=f"/{ECHO}/Sleep"),
-                          frame(DATA, END_STREAM, stream, sleep))
+                peer.send(
+                    peer.request(stream, method=f"/{ECHO}/Sleep"),
+                    frame(DATA, END_STREAM, stream, sleep),
+                )
             got = await peer.read(lambda f: f[0] == RST_STREAM)
             assert got is not None and got[2] == 9
             assert int.from_bytes(got[3], "big") == REFUSED_STREAM
@@ -257,13 +305,17 @@ async def test_never_sends_beyond_the_peer_window(trio: Mesh) -> None:
     message = b"\x00" + len(body).to_bytes(4, "big") + body
     async with plain(trio.nodes["alice"]) as peer:
         peer.start(settings=(4).to_bytes(2, "big") + (1000).to_bytes(4, "big"))  # stream window
-        peer.send(peer.request(1), *(frame(DATA, 0, 1, message[i:i + 16384])
-                                     for i in range(0, len(message), 16384)),
-                  frame(DATA, END_STREAM, 1))
+        peer.send(
+            peer.request(1),
+            *(frame(DATA, 0, 1, message[i : i + 16384]) for i in range(0, len(message), 16384)),
+            frame(DATA, END_STREAM, 1),
+        )
         await peer.read(lambda f: False, timeout=1.0)  # until it goes quiet
         assert peer.data_bytes(1) == 1000  # exactly the window, not a byte more
-        peer.send(frame(WINDOW_UPDATE, 0, 1, (1 << 20).to_bytes(4, "big")),
-                  frame(WINDOW_UPDATE, 0, 0, (1 << 20).to_bytes(4, "big")))
+        peer.send(
+            frame(WINDOW_UPDATE, 0, 1, (1 << 20).to_bytes(4, "big")),
+            frame(WINDOW_UPDATE, 0, 0, (1 << 20).to_bytes(4, "big")),
+        )
         got = await peer.read(lambda f: f[0] == HEADERS and bool(f[1] & END_STREAM))
         assert got is not None and peer.headers[b"grpc-status"] == b"0"
         assert peer.data_bytes(1) == len(message)
@@ -278,7 +330,13 @@ async def test_random_frames_never_break_the_listener(trio: Mesh, seed: int) -> 
         peer.start()
         for _ in range(40):
             payload = rng.randbytes(rng.choice([0, 1, 4, 5, 8, 9, 30]))
-            peer.send(frame(rng.randrange(0, 12), rng.randrange(0, 256),
-                            rng.choice([0, 1, 2, 3, 5, 2**31 - 1]), payload))
+            peer.send(
+                frame(
+                    rng.randrange(0, 12),
+                    rng.randrange(0, 256),
+                    rng.choice([0, 1, 2, 3, 5, 2**31 - 1]),
+                    payload,
+                )
+            )
         await peer.read(lambda f: False, timeout=1.0)
     await still_serves(trio)

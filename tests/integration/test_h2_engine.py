@@ -67,7 +67,10 @@ def h2(monkeypatch: pytest.MonkeyPatch) -> None:
 async def trio(h2: None, mesh: Mesh) -> Mesh:
     """As conftest's trio: alice -> bob allowed on Echo; carol registered, no policy."""
     await mesh.apply(
-        blueprint("any"), agent("alice"), agent("bob"), agent("carol"),
+        blueprint("any"),
+        agent("alice"),
+        agent("bob"),
+        agent("carol"),
         policy("alice-calls-bob", ["alice"], ["bob"], ["/test.Echo/*"]),
     )
     return await start_nodes(mesh, "alice", "bob", "carol")
@@ -81,8 +84,9 @@ async def _stream(messages: list[bytes]) -> AsyncIterator[bytes]:
         yield m
 
 
-async def call_kind(outbound: str, kind: str, messages: list[bytes],
-                    timeout: float = 10.0) -> list[bytes]:
+async def call_kind(
+    outbound: str, kind: str, messages: list[bytes], timeout: float = 10.0
+) -> list[bytes]:
     md = (TARGET,)
     async with grpc.aio.insecure_channel(outbound, options=CLIENT_OPTIONS) as ch:
         path = f"/{ECHO}/{kind}"
@@ -102,15 +106,25 @@ CALL_KINDS = {
     "unary-binary-nul": ("Unary", [BINARY], [BINARY]),
     "unary-1mib": ("Unary", [b"\x00" * MIB], [b"\x00" * MIB]),
     "unary-empty": ("Unary", [b""], [b""]),
-    "client-stream-binary": ("ClientStream", [b"a", BINARY, b"c"], [b"|".join([b"a", BINARY, b"c"])]),
+    "client-stream-binary": (
+        "ClientStream",
+        [b"a", BINARY, b"c"],
+        [b"|".join([b"a", BINARY, b"c"])],
+    ),
     "client-stream-1mib": ("ClientStream", [b"x" * MIB, b"y"], [b"x" * MIB + b"|y"]),
     "server-stream-50": ("ServerStream", [b"50"], [str(i).encode() for i in range(50)]),
-    "bidi-binary-nul": ("Bidi", [b"abc", BINARY, b"\x00z\x00"], [b"ABC", BINARY.upper(), b"\x00Z\x00"]),
+    "bidi-binary-nul": (
+        "Bidi",
+        [b"abc", BINARY, b"\x00z\x00"],
+        [b"ABC", BINARY.upper(), b"\x00Z\x00"],
+    ),
     "bidi-1mib": ("Bidi", [b"q" * MIB, b"w"], [b"Q" * MIB, b"W"]),
 }
 
 
-@pytest.mark.parametrize(("kind", "messages", "expected"), CALL_KINDS.values(), ids=CALL_KINDS.keys())
+@pytest.mark.parametrize(
+    ("kind", "messages", "expected"), CALL_KINDS.values(), ids=CALL_KINDS.keys()
+)
 async def test_every_call_kind_carries_bytes_exactly(
     trio: Mesh, kind: str, messages: list[bytes], expected: list[bytes]
 ) -> None:
@@ -120,8 +134,12 @@ async def test_every_call_kind_carries_bytes_exactly(
 
 async def test_metadata_passes_both_ways(trio: Mesh) -> None:
     blob = b"\x00\xffbinary\x00"
-    reply, call = await unary(trio.nodes["alice"].outbound, "bob", body=b"md",
-                              metadata=[("x-custom", "text value"), ("x-blob-bin", blob)])
+    reply, call = await unary(
+        trio.nodes["alice"].outbound,
+        "bob",
+        body=b"md",
+        metadata=[("x-custom", "text value"), ("x-blob-bin", blob)],
+    )
     assert reply == b"md"
     assert dict(await call.initial_metadata()).get("x-initial") == "hello"
     assert dict(await call.trailing_metadata()).get("x-trailing") == "bye"
@@ -144,8 +162,9 @@ async def test_deadline_propagates_to_the_app(trio: Mesh) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await unary(trio.nodes["alice"].outbound, "bob", method=f"/{ECHO}/Sleep", body=b"10",
-                    timeout=0.5)
+        await unary(
+            trio.nodes["alice"].outbound, "bob", method=f"/{ECHO}/Sleep", body=b"10", timeout=0.5
+        )
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert loop.time() - started < 2.0
     assert await wait_set(bob.app.cancelled), "bob's app never saw its call end"
@@ -172,7 +191,8 @@ async def test_calls_share_one_connection_and_multiplex(trio: Mesh) -> None:
     async with grpc.aio.insecure_channel(alice.outbound) as ch:
         call = ch.unary_unary(f"/{ECHO}/Unary")
         replies = await asyncio.gather(
-            *(call(b"c%d" % i, metadata=(TARGET,), timeout=WAIT) for i in range(32)))
+            *(call(b"c%d" % i, metadata=(TARGET,), timeout=WAIT) for i in range(32))
+        )
     assert replies == [b"c%d" % i for i in range(32)]
     assert len(inbound_calls) == 37
     assert len({c.peer_address for c in inbound_calls}) == 1  # one TCP connection to bob
@@ -184,15 +204,25 @@ async def test_calls_share_one_connection_and_multiplex(trio: Mesh) -> None:
 
 REFUSALS = {
     "no-target": ([], f"/{ECHO}/Unary", grpc.StatusCode.INVALID_ARGUMENT, "missing_target"),
-    "unknown-target": ([("trustmesh-target", "nobody")], f"/{ECHO}/Unary",
-                       grpc.StatusCode.PERMISSION_DENIED, "unknown_target"),
+    "unknown-target": (
+        [("trustmesh-target", "nobody")],
+        f"/{ECHO}/Unary",
+        grpc.StatusCode.PERMISSION_DENIED,
+        "unknown_target",
+    ),
     "bad-method": ([TARGET], "/no-such-method", grpc.StatusCode.INVALID_ARGUMENT, "bad_method"),
-    "no-policy": ([("trustmesh-target", "carol")], f"/{ECHO}/Unary",
-                  grpc.StatusCode.PERMISSION_DENIED, "no_matching_policy"),
+    "no-policy": (
+        [("trustmesh-target", "carol")],
+        f"/{ECHO}/Unary",
+        grpc.StatusCode.PERMISSION_DENIED,
+        "no_matching_policy",
+    ),
 }
 
 
-@pytest.mark.parametrize(("metadata", "method", "code", "why"), REFUSALS.values(), ids=REFUSALS.keys())
+@pytest.mark.parametrize(
+    ("metadata", "method", "code", "why"), REFUSALS.values(), ids=REFUSALS.keys()
+)
 async def test_router_refusals_reach_the_caller_as_status(
     trio: Mesh, metadata: list[tuple[str, str]], method: str, code: grpc.StatusCode, why: str
 ) -> None:
@@ -229,8 +259,9 @@ async def roomy_app(node: Node) -> None:
     app, roomy = node.app, MIB
     assert app.server is not None
     await app.server.stop(0)
-    server = grpc.aio.server(options=[("grpc.max_metadata_size", roomy),
-                                      ("grpc.absolute_max_metadata_size", roomy)])
+    server = grpc.aio.server(
+        options=[("grpc.max_metadata_size", roomy), ("grpc.absolute_max_metadata_size", roomy)]
+    )
     handlers = {"Unary": grpc.unary_unary_rpc_method_handler(app._unary)}
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(ECHO, handlers)])
     server.add_insecure_port(app.address)
@@ -258,7 +289,8 @@ async def test_oversized_metadata_is_refused_not_hung(
         if route == "via-alice-outbound":
             async with grpc.aio.insecure_channel(alice.outbound, options=CLIENT_OPTIONS) as ch:
                 await ch.unary_unary(f"/{ECHO}/Unary")(
-                    b"m", metadata=[TARGET, *metadata], timeout=WAIT)
+                    b"m", metadata=[TARGET, *metadata], timeout=WAIT
+                )
         else:
             await dial(trio, bob, issue(mesh_ca(trio), ALICE), metadata=tuple(metadata))
         got = grpc.StatusCode.OK
@@ -297,8 +329,9 @@ async def test_inbound_handshake_requires_a_mesh_svid(
         assert bob.app.received[-1]["trustmesh-caller"] == ALICE
         # The router got the chain the handshake verified: alice's leaf, first.
         leaf = x509.load_der_x509_certificate(inbound_calls[-1].peer_chain[0])
-        assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
-            .get_values_for_type(x509.UniformResourceIdentifier) == [ALICE]
+        assert leaf.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.UniformResourceIdentifier) == [ALICE]
     else:
         assert inbound_calls == [] and bob.app.received == []
     await still_serves(trio)
@@ -311,10 +344,12 @@ async def test_caller_refuses_a_callee_with_another_identity(trio: Mesh) -> None
     assert trio.registry is not None
     svid = issue(mesh_ca(trio), agent_id("bob"))
     channels = MeshChannels(lambda: (svid, mesh_bundles(trio)))
-    stub = rgrpc.RegistryStub(await channels.get(trio.registry.address,
-                                                 registry_id_for(TrustDomain.parse(TD))))
-    watch = stub.Watch(rpb.WatchRequest(instance_id="rogue",
-                                        inbound_address=carol.sidecar.inbound_address))
+    stub = rgrpc.RegistryStub(
+        await channels.get(trio.registry.address, registry_id_for(TrustDomain.parse(TD)))
+    )
+    watch = stub.Watch(
+        rpb.WatchRequest(instance_id="rogue", inbound_address=carol.sidecar.inbound_address)
+    )
     try:
         async with asyncio.timeout(WAIT):
             await watch.read()
@@ -331,7 +366,8 @@ async def test_caller_refuses_a_callee_with_another_identity(trio: Mesh) -> None
                 assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e.details()
                 assert e.details() == (
                     f"trustmesh: peer_identity_mismatch: expected spiffe://test.local/agents/bob"
-                    f" at {carol.sidecar.inbound_address}, peer presented {CAROL}")
+                    f" at {carol.sidecar.inbound_address}, peer presented {CAROL}"
+                )
                 outcomes.append(reason(e))
     finally:
         watch.cancel()
@@ -349,8 +385,10 @@ async def test_rotation_reaches_new_handshakes_and_drops_no_calls(h2: None, tmp_
     async with pair(tmp_path, svid_ttl=timedelta(seconds=6), limits=limits) as mesh:
         alice, bob = mesh.nodes["alice"], mesh.nodes["bob"]
         assert alice.sidecar.state is not None and bob.sidecar.state is not None
-        first = {"alice": alice.sidecar.state.svid.serial_hex,
-                 "bob": bob.sidecar.state.svid.serial_hex}
+        first = {
+            "alice": alice.sidecar.state.svid.serial_hex,
+            "bob": bob.sidecar.state.svid.serial_hex,
+        }
         inbound_calls = spy_calls(bob.sidecar.inbound)
         loop = asyncio.get_running_loop()
         end, failures, calls = loop.time() + 5.0, [], 0
@@ -361,8 +399,10 @@ async def test_rotation_reaches_new_handshakes_and_drops_no_calls(h2: None, tmp_
                 failures.append((e.code(), e.details()))
             calls += 1
             await asyncio.sleep(0.05)
-        last = {"alice": alice.sidecar.state.svid.serial_hex,
-                "bob": bob.sidecar.state.svid.serial_hex}
+        last = {
+            "alice": alice.sidecar.state.svid.serial_hex,
+            "bob": bob.sidecar.state.svid.serial_hex,
+        }
         bob_serials = alice.sidecar.peer_serials(bob.sidecar.inbound_address, bob.spiffe_id)
         client_serials = {
             format(x509.load_der_x509_certificate(c.peer_chain[0]).serial_number, "x")
@@ -393,5 +433,3 @@ async def test_revocation_ends_an_open_stream(trio: Mesh) -> None:
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert reason(err.value) == "agent_disabled"
     assert bob.sidecar.inbound.open_calls == 0
-
-

@@ -53,11 +53,14 @@ def alice_svid(mesh: Mesh) -> X509Svid:
     return X509Svid(sid, (cert,), key)
 
 
-async def dial(mesh: Mesh, callee: Node, *, method: str = UNARY,
-               metadata: Sequence[tuple[str, str]] = ()) -> bytes:
+async def dial(
+    mesh: Mesh, callee: Node, *, method: str = UNARY, metadata: Sequence[tuple[str, str]] = ()
+) -> bytes:
     """One unary call as alice straight to `callee`'s inbound port, on a new connection."""
     svid = alice_svid(mesh)
-    bundles = BundleSet.of(TrustBundle.from_pem(TrustDomain.parse(TD), mesh.bundle_path.read_bytes()))
+    bundles = BundleSet.of(
+        TrustBundle.from_pem(TrustDomain.parse(TD), mesh.bundle_path.read_bytes())
+    )
     channels = MeshChannels(lambda: (svid, bundles))
     try:
         channel = await channels.get(callee.sidecar.inbound_address, callee.spiffe_id)
@@ -94,7 +97,9 @@ async def tls_to(
     (tmp_path / "a.key").write_bytes(svid.key_pem())
     ctx.load_cert_chain(tmp_path / "a.crt", tmp_path / "a.key")
     async with asyncio.timeout(WAIT):
-        reader, writer = await asyncio.open_connection(*_split(node.sidecar.inbound_address), ssl=ctx)
+        reader, writer = await asyncio.open_connection(
+            *_split(node.sidecar.inbound_address), ssl=ctx
+        )
     assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
     try:
         yield reader, writer
@@ -116,14 +121,19 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
 
 
 def frame(ftype: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + stream.to_bytes(4, "big") + payload
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes([ftype, flags])
+        + stream.to_bytes(4, "big")
+        + payload
+    )
 
 
 def frame_types(data: bytes) -> list[int]:
     types, i = [], 0
     while i + 9 <= len(data):
         types.append(data[i + 3])
-        i += 9 + int.from_bytes(data[i:i + 3], "big")
+        i += 9 + int.from_bytes(data[i : i + 3], "big")
     return types
 
 
@@ -140,12 +150,25 @@ async def raw_grpc(address: str, headers: Sequence[tuple[str, str]]) -> dict[str
     Every header block the server sends is decoded, in order, with one HPACK decoder:
     how a server encodes a field (indexed, literal, Huffman) is its own choice."""
     decoder = hpack.Decoder()
-    block = b"".join(literal(k, v) for k, v in [
-        (":method", "POST"), (":scheme", "http"), (":path", UNARY), (":authority", "localhost"),
-        ("content-type", "application/grpc"), ("te", "trailers"), *headers])
+    block = b"".join(
+        literal(k, v)
+        for k, v in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", UNARY),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            *headers,
+        ]
+    )
     reader, writer = await asyncio.open_connection(*_split(address))
-    writer.write(PREFACE + frame(SETTINGS, 0, 0, b"") + frame(HEADERS, END_HEADERS, 1, block)
-                 + frame(DATA, END_STREAM, 1, b"\x00\x00\x00\x00\x04ping"))
+    writer.write(
+        PREFACE
+        + frame(SETTINGS, 0, 0, b"")
+        + frame(HEADERS, END_HEADERS, 1, block)
+        + frame(DATA, END_STREAM, 1, b"\x00\x00\x00\x00\x04ping")
+    )
     try:
         async with asyncio.timeout(WAIT):
             while True:
@@ -222,14 +245,16 @@ async def test_junk_after_a_valid_handshake_closes_the_connection(
 
 # -- 3: oversized metadata ----------------------------------------------------------------
 
+
 async def roomy_app(node: Node) -> None:
     """Restart `node`'s app with a 1 MiB header limit: a refusal of large metadata then
     comes from a sidecar (Limits.max_metadata_bytes), not from the app's grpc defaults."""
     app, roomy = node.app, 1 << 20
     assert app.server is not None
     await app.server.stop(0)
-    server = grpc.aio.server(options=[("grpc.max_metadata_size", roomy),
-                                      ("grpc.absolute_max_metadata_size", roomy)])
+    server = grpc.aio.server(
+        options=[("grpc.max_metadata_size", roomy), ("grpc.absolute_max_metadata_size", roomy)]
+    )
     handlers = {"Unary": grpc.unary_unary_rpc_method_handler(app._unary)}
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(ECHO, handlers)])
     assert server.add_insecure_port(app.address) == _split(app.address)[1]
@@ -273,9 +298,13 @@ async def test_oversized_metadata_is_refused_not_hung(
 # -- 4: bad :path ------------------------------------------------------------------------
 
 
-INVALID, MALFORMED = grpc.StatusCode.INVALID_ARGUMENT, "trustmesh: bad_method: malformed method path "
-OVER_LIMIT = ("trustmesh: limit_exceeded: header list of " if H2_ENGINE
-              else "received metadata size")  # grpc core refuses it before the sidecar
+INVALID, MALFORMED = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    "trustmesh: bad_method: malformed method path ",
+)
+OVER_LIMIT = (
+    "trustmesh: limit_exceeded: header list of " if H2_ENGINE else "received metadata size"
+)  # grpc core refuses it before the sidecar
 
 
 @pytest.mark.parametrize(
@@ -289,8 +318,15 @@ OVER_LIMIT = ("trustmesh: limit_exceeded: header list of " if H2_ENGINE
         ("/test.Echo/" + "x" * 4000, grpc.StatusCode.UNIMPLEMENTED, "Method not found!"),
         ("/test.Echo/" + "y" * 20000, grpc.StatusCode.RESOURCE_EXHAUSTED, OVER_LIMIT),
     ],
-    ids=["no-service", "three-segments", "dot-dot", "long-malformed", "trailing-newline",
-         "long-well-formed", "over-header-limit"],
+    ids=[
+        "no-service",
+        "three-segments",
+        "dot-dot",
+        "long-malformed",
+        "trailing-newline",
+        "long-well-formed",
+        "over-header-limit",
+    ],
 )
 async def test_bad_path_never_reaches_the_app(
     trio: Mesh, path: str, code: grpc.StatusCode, details: str
@@ -304,8 +340,9 @@ async def test_bad_path_never_reaches_the_app(
     await still_serves(trio)
 
 
-@pytest.mark.parametrize("path", ["/test.Echo/Unary\n", "/test.Echo/Uñary"],
-                         ids=["trailing-newline", "non-ascii"])
+@pytest.mark.parametrize(
+    "path", ["/test.Echo/Unary\n", "/test.Echo/Uñary"], ids=["trailing-newline", "non-ascii"]
+)
 async def test_outbound_refuses_a_malformed_path_locally(trio: Mesh, path: str) -> None:
     bob = trio.nodes["bob"].sidecar.state
     assert bob is not None
@@ -356,16 +393,28 @@ async def test_agent_cannot_set_reserved_keys_for_the_callee(
 @pytest.mark.parametrize(
     ("key", "value", "code", "details"),
     [
-        ("trustmesh-delegation-bin", b"\x00junk", grpc.StatusCode.INVALID_ARGUMENT,
-         "trustmesh: chain_malformed: "),
-        ("trustmesh-user-token", "forged", grpc.StatusCode.UNAUTHENTICATED,
-         "trustmesh: user_token_invalid: this sidecar trusts no user-token issuers"),
+        (
+            "trustmesh-delegation-bin",
+            b"\x00junk",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "trustmesh: chain_malformed: ",
+        ),
+        (
+            "trustmesh-user-token",
+            "forged",
+            grpc.StatusCode.UNAUTHENTICATED,
+            "trustmesh: user_token_invalid: this sidecar trusts no user-token issuers",
+        ),
     ],
     ids=["unverifiable-chain", "user-token-without-issuers"],
 )
 async def test_agent_claims_its_sidecar_cannot_back_are_refused_at_the_source(
-    trio: Mesh, monkeypatch: pytest.MonkeyPatch, key: str, value: str | bytes,
-    code: grpc.StatusCode, details: str,
+    trio: Mesh,
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+    value: str | bytes,
+    code: grpc.StatusCode,
+    details: str,
 ) -> None:
     """A chain or user token the agent asks for but its sidecar can't vouch for is
     refused, not silently dropped: dropping it would send a different claim."""
@@ -395,8 +444,12 @@ async def test_mixed_case_reserved_keys_sent_frame_by_frame(
     if message and H2_ENGINE:
         message = f"trustmesh: malformed_request: illegal header key {key!r}"
     seen = record_raw(monkeypatch, trio.nodes["bob"])
-    trailers = await raw_grpc(trio.nodes["alice"].outbound,
-                              [("trustmesh-target", "bob"), (key, "spiffe://test.local/agents/carol")])
+    trailers = await raw_grpc(
+        trio.nodes["alice"].outbound,
+        [("trustmesh-target", "bob"), (key, "spiffe://test.local/agents/carol")],
+    )
     assert (trailers.get("grpc-status"), trailers.get("grpc-message", "")) == (status, message)
-    assert [reserved(md) for md in seen] == ([[("trustmesh-caller", ALICE)]] if status == "0" else [])
+    assert [reserved(md) for md in seen] == (
+        [[("trustmesh-caller", ALICE)]] if status == "0" else []
+    )
     await still_serves(trio)

@@ -88,8 +88,6 @@ def spy_client_serials(router: Any) -> set[str]:
     return serials
 
 
-
-
 @pytest.mark.parametrize(
     "seconds",
     [
@@ -323,13 +321,15 @@ async def test_restarted_registry_epoch_is_taken(tmp_path: Path, stopper: list[M
     # bob, the callee, must take the new epoch and see alice disabled too.
     while True:
         seen = bob.sidecar.state.snapshot.agent_by_id(agent_id("alice"))
-        if bob.sidecar.state.snapshot.epoch == new.state.epoch and seen is not None and seen.disabled:
+        if (
+            bob.sidecar.state.snapshot.epoch == new.state.epoch
+            and seen is not None
+            and seen.disabled
+        ):
             break
         assert loop.time() - start < 10, "bob never took the restarted registry's snapshot"
         await asyncio.sleep(0.05)
     assert bob.sidecar.state.snapshot.epoch == new.state.epoch != old_epoch
-
-
 
 
 async def test_registry_restart_keeps_live_routes(tmp_path: Path, stopper: list[Mesh]) -> None:

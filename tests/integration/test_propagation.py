@@ -200,7 +200,8 @@ async def test_a2a_grpc_transport_goes_through_the_mesh_with_the_chain(
             message = a2a.Message(message_id="m-1", role=a2a.ROLE_USER,
                                   parts=[a2a.Part(text=request.decode())])  # fmt: skip
             response: a2a.SendMessageResponse = await transport.send_message(
-                a2a.SendMessageRequest(message=message))
+                a2a.SendMessageRequest(message=message)
+            )
         finally:
             await transport.close()
         text: str = response.message.parts[0].text
@@ -217,4 +218,3 @@ async def test_a2a_grpc_transport_goes_through_the_mesh_with_the_chain(
 def test_a2a_channel_factory_refuses_a_url_naming_no_agent() -> None:
     with pytest.raises(ValueError, match="cannot tell which agent"):
         a2a_channel_factory(outbound="127.0.0.1:1")("grpc://:50051")
-

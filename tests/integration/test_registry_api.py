@@ -47,7 +47,9 @@ async def _workload_svid(mesh: Mesh, name: str) -> X509Svid:
 
 async def _get(mesh: Mesh, kind: str, name: str = "") -> list[dict[str, Any]]:
     assert mesh.operator is not None
-    resp = await mesh.operator.call(lambda s: s.Get(rpb.GetRequest(kind=kind, name=name), timeout=10))
+    resp = await mesh.operator.call(
+        lambda s: s.Get(rpb.GetRequest(kind=kind, name=name), timeout=10)
+    )
     return [json.loads(j) for j in resp.json]
 
 
@@ -71,14 +73,21 @@ async def _eventually(check: Callable[[], Any], what: str, timeout: float = 5.0)
 # -- 1. operator methods need operator credentials ------------------------------------------------
 
 OPERATOR_CALLS: dict[str, Callable[[rgrpc.RegistryStub], Any]] = {
-    "Apply": lambda s: s.Apply(rpb.ApplyRequest(documents=[
-        rpb.ManifestDocument(source="x", json=json.dumps(blueprint("evil")))]), timeout=10),
+    "Apply": lambda s: s.Apply(
+        rpb.ApplyRequest(
+            documents=[rpb.ManifestDocument(source="x", json=json.dumps(blueprint("evil")))]
+        ),
+        timeout=10,
+    ),
     "Get": lambda s: s.Get(rpb.GetRequest(kind="agents"), timeout=10),
     "Delete": lambda s: s.Delete(rpb.DeleteRequest(kind="AgentBlueprint", name="any"), timeout=10),
-    "CreateJoinToken": lambda s: s.CreateJoinToken(rpb.CreateJoinTokenRequest(
-        spiffe_id=str(agent_id("mallory")), ttl_seconds=60, uses=1), timeout=10),
-    "SetAgentState": lambda s: s.SetAgentState(rpb.SetAgentStateRequest(
-        agent="alice", disabled=True, reason="x"), timeout=10),
+    "CreateJoinToken": lambda s: s.CreateJoinToken(
+        rpb.CreateJoinTokenRequest(spiffe_id=str(agent_id("mallory")), ttl_seconds=60, uses=1),
+        timeout=10,
+    ),
+    "SetAgentState": lambda s: s.SetAgentState(
+        rpb.SetAgentStateRequest(agent="alice", disabled=True, reason="x"), timeout=10
+    ),
 }
 
 
@@ -116,22 +125,30 @@ def _without_sponsor() -> dict[str, Any]:
 
 BAD_DOCS: list[Any] = [
     pytest.param(_without_sponsor(), "test#2: spec.sponsor: is required", id="missing-sponsor"),
-    pytest.param(agent("carol", spiffeId=f"spiffe://{TD}/agents/../x"),
-                 "test#2: spec.spiffeId: Invalid SPIFFE ID", id="malformed-spiffe-id"),
-    pytest.param({**agent("carol"), "kind": "Agnet"}, "test#2: kind: unknown kind 'Agnet'",
-                 id="unknown-kind"),
-    pytest.param(agent("carol", spiffeId=str(REGISTRY_ID)), "test#2: spec.spiffeId: ",
-                 id="reserved-id"),
-    pytest.param(agent("carol", spiffeId=str(agent_id("bob"))), "test#2: spec.spiffeId: ",
-                 id="duplicate-spiffe-id"),
-    pytest.param(agent("carol", bp="nope"), "test#2: spec.blueprint: ",
-                 id="unknown-blueprint"),
+    pytest.param(
+        agent("carol", spiffeId=f"spiffe://{TD}/agents/../x"),
+        "test#2: spec.spiffeId: Invalid SPIFFE ID",
+        id="malformed-spiffe-id",
+    ),
+    pytest.param(
+        {**agent("carol"), "kind": "Agnet"}, "test#2: kind: unknown kind 'Agnet'", id="unknown-kind"
+    ),
+    pytest.param(
+        agent("carol", spiffeId=str(REGISTRY_ID)), "test#2: spec.spiffeId: ", id="reserved-id"
+    ),
+    pytest.param(
+        agent("carol", spiffeId=str(agent_id("bob"))),
+        "test#2: spec.spiffeId: ",
+        id="duplicate-spiffe-id",
+    ),
+    pytest.param(agent("carol", bp="nope"), "test#2: spec.blueprint: ", id="unknown-blueprint"),
 ]
 
 
 @pytest.mark.parametrize(("bad", "message"), BAD_DOCS)
-async def test_apply_with_one_bad_document_applies_nothing(mesh: Mesh, bad: dict[str, Any],
-                                                           message: str) -> None:
+async def test_apply_with_one_bad_document_applies_nothing(
+    mesh: Mesh, bad: dict[str, Any], message: str
+) -> None:
     assert mesh.registry is not None
     await mesh.apply(blueprint("any"))
     revision = mesh.registry.state.revision
@@ -268,8 +285,12 @@ async def test_endpoint_listed_while_the_sidecar_watches(mesh: Mesh) -> None:
 
 async def test_delete_blueprint_in_use_is_refused(mesh: Mesh) -> None:
     assert mesh.operator is not None
-    await mesh.apply(blueprint("shared"), blueprint("spare"),
-                     agent("bob", bp="shared"), agent("alice", bp="shared"))
+    await mesh.apply(
+        blueprint("shared"),
+        blueprint("spare"),
+        agent("bob", bp="shared"),
+        agent("alice", bp="shared"),
+    )
     req = rpb.DeleteRequest(kind="AgentBlueprint", name="shared")
     with pytest.raises(MeshError) as err:
         await mesh.operator.call(lambda s: s.Delete(req, timeout=10))
@@ -293,8 +314,11 @@ async def test_plaintext_health_listener_serves_health_only(tmp_path: Path) -> N
 
     data = tmp_path / "reg"
     DataDir(data).init(TrustDomain.parse(TD), now=datetime.now(UTC), registry_address="127.0.0.1:0")
-    server = RegistryServer(ServeConfig(data, listen="127.0.0.1:0", bootstrap_listen="127.0.0.1:0",
-                                        health_listen="127.0.0.1:0"))
+    server = RegistryServer(
+        ServeConfig(
+            data, listen="127.0.0.1:0", bootstrap_listen="127.0.0.1:0", health_listen="127.0.0.1:0"
+        )
+    )
     await server.start()
     try:
         async with grpc.aio.insecure_channel(server.health_address) as channel:

@@ -22,8 +22,9 @@ async def test_allowed_call_reaches_app_with_verified_caller(trio: Mesh) -> None
     ],
     ids=["registered-no-policy", "reverse-direction", "unknown-target"],
 )
-async def test_denials_name_the_reason(trio: Mesh, caller: str, target: str, code: grpc.StatusCode,
-                                       reason: str) -> None:
+async def test_denials_name_the_reason(
+    trio: Mesh, caller: str, target: str, code: grpc.StatusCode, reason: str
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await unary(trio.nodes[caller].outbound, target)
     assert err.value.code() == code

@@ -181,8 +181,10 @@ async def test_federated_peers_are_verified_with_their_own_bundle(
                 assert alice.sidecar.state is not None
                 mesh.apis["alice"].push(alice.sidecar.state.svid, mesh.spire.bundle)
                 await until(
-                    lambda: alice.sidecar.state is not None
-                    and alice.sidecar.state.bundles.get(OTHER) is None,
+                    lambda: (
+                        alice.sidecar.state is not None
+                        and alice.sidecar.state.bundles.get(OTHER) is None
+                    ),
                     "alice's bundles without other.example",
                 )
                 code, details = await outcome(alice.outbound, "tool")
@@ -209,7 +211,9 @@ async def test_spiffe_mode_registry_issues_operator_credentials_only(tmp_path: P
         operator_id = mesh.operator.svid.spiffe_id
         key = generate_key()
         renewed = await mesh.operator.call(
-            lambda s: s.RenewSvid(rpb.RenewSvidRequest(csr=make_csr(key, operator_id)), timeout=WAIT)
+            lambda s: s.RenewSvid(
+                rpb.RenewSvidRequest(csr=make_csr(key, operator_id)), timeout=WAIT
+            )
         )
         d = mesh.root / "registry"
         ca = CertificateAuthority.load((d / "ca.crt").read_bytes(), (d / "ca.key").read_bytes())
@@ -220,8 +224,9 @@ async def test_spiffe_mode_registry_issues_operator_credentials_only(tmp_path: P
         # but the embedded CA no longer issues workload SVIDs
         channels = MeshChannels(lambda: (None, mesh.spire_bundles()))
         try:
-            stub = rgrpc.BootstrapStub(await channels.get(mesh.registry.bootstrap_address,
-                                                          registry_id))
+            stub = rgrpc.BootstrapStub(
+                await channels.get(mesh.registry.bootstrap_address, registry_id)
+            )
             key = generate_key()
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Join(

@@ -180,8 +180,10 @@ async def test_pushed_rotation_drops_no_calls(tmp_path: Path) -> None:
                     mesh.apis[name].push(svid, spire.bundle)
             last_push = loop.time()
             await until(
-                lambda: bob.sidecar.state is not None
-                and bob.sidecar.state.svid.serial_hex == pushed["bob"][-1].serial_hex,
+                lambda: (
+                    bob.sidecar.state is not None
+                    and bob.sidecar.state.svid.serial_hex == pushed["bob"][-1].serial_hex
+                ),
                 "bob's last SVID",
             )
             await asyncio.sleep(1.5)  # past the connection age: new handshakes everywhere
@@ -240,8 +242,10 @@ async def test_bundle_update_that_removes_a_ca_rejects_its_peers(tmp_path: Path)
         assert bob.sidecar.state is not None
         mesh.apis["bob"].push(bob.sidecar.state.svid, new.bundle)  # the old root is gone
         await until(
-            lambda: bob.sidecar.state is not None
-            and bob.sidecar.state.bundles.get(new.td) == TrustBundle(new.td, (new.root.cert,)),
+            lambda: (
+                bob.sidecar.state is not None
+                and bob.sidecar.state.bundles.get(new.td) == TrustBundle(new.td, (new.root.cert,))
+            ),
             "bob's new bundle",
         )
         # Calls on connections opened before the update: bob re-verifies every call.
@@ -263,8 +267,10 @@ async def test_bundle_update_that_removes_a_ca_rejects_its_peers(tmp_path: Path)
         # back (the Workload API alone decides bundles in SPIFFE mode).
         await mesh.apply(blueprint("another"))
         await until(
-            lambda: bob.sidecar.state is not None
-            and bob.sidecar.state.snapshot.blueprint("another") is not None,
+            lambda: (
+                bob.sidecar.state is not None
+                and bob.sidecar.state.snapshot.blueprint("another") is not None
+            ),
             "the snapshot delta",
         )
         assert bob.sidecar.state.bundles.get(new.td) == TrustBundle(new.td, (new.root.cert,))
@@ -339,9 +345,10 @@ async def test_spire_agent_restart_is_followed(
         api.push(rotated, mesh.spire.bundle)
         await api.start()
         await until(
-            lambda: alice.sidecar.state is not None
-            and alice.sidecar.state.svid.serial_hex == rotated.serial_hex,
+            lambda: (
+                alice.sidecar.state is not None
+                and alice.sidecar.state.svid.serial_hex == rotated.serial_hex
+            ),
             "the SVID from the restarted agent",
             timeout=15,
         )
-

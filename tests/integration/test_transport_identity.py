@@ -48,8 +48,13 @@ def mesh_bundles(mesh: Mesh) -> BundleSet:
     return BundleSet.of(TrustBundle.from_pem(TrustDomain.parse(TD), mesh.bundle_path.read_bytes()))
 
 
-def issue(ca: CertificateAuthority, spiffe_id: str | SpiffeId, *, now: datetime | None = None,
-          ttl: timedelta = timedelta(minutes=10)) -> X509Svid:
+def issue(
+    ca: CertificateAuthority,
+    spiffe_id: str | SpiffeId,
+    *,
+    now: datetime | None = None,
+    ttl: timedelta = timedelta(minutes=10),
+) -> X509Svid:
     """An SVID through the CA's real CSR path."""
     sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
     key = generate_key()
@@ -64,8 +69,14 @@ def impostor_ca(td: TrustDomain, *, signs_for: TrustDomain | None = None) -> Cer
     return ca if signs_for is None else CertificateAuthority(ca.cert, ca.key, signs_for)
 
 
-async def dial(mesh: Mesh, callee: Node, svid: X509Svid | None, *, body: bytes = b"ping",
-               metadata: tuple[tuple[str, str], ...] = ()) -> bytes:
+async def dial(
+    mesh: Mesh,
+    callee: Node,
+    svid: X509Svid | None,
+    *,
+    body: bytes = b"ping",
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> bytes:
     """One unary call straight to `callee`'s inbound port, presenting `svid` (or none)."""
     bundles = mesh_bundles(mesh)
     channels = MeshChannels(lambda: (svid, bundles))
@@ -102,8 +113,12 @@ def _no_cert(mesh: Mesh) -> X509Svid | None:
 
 def _expired(mesh: Mesh) -> X509Svid | None:
     # Issued by the real CA 20 s ago for 10 s: expired 10 s ago (notBefore backdated 30 s).
-    return issue(mesh_ca(mesh), ALICE, now=datetime.now(UTC) - timedelta(seconds=20),
-                 ttl=timedelta(seconds=10))
+    return issue(
+        mesh_ca(mesh),
+        ALICE,
+        now=datetime.now(UTC) - timedelta(seconds=20),
+        ttl=timedelta(seconds=10),
+    )
 
 
 def _honest(mesh: Mesh) -> X509Svid | None:
@@ -149,8 +164,9 @@ async def rogue_instance(mesh: Mesh, name: str, advertise: str) -> AsyncIterator
     svid = issue(mesh_ca(mesh), agent_id(name))
     bundles = mesh_bundles(mesh)
     channels = MeshChannels(lambda: (svid, bundles))
-    stub = rgrpc.RegistryStub(await channels.get(mesh.registry.address,
-                                                 registry_id_for(TrustDomain.parse(TD))))
+    stub = rgrpc.RegistryStub(
+        await channels.get(mesh.registry.address, registry_id_for(TrustDomain.parse(TD)))
+    )
     call = stub.Watch(rpb.WatchRequest(instance_id="rogue", inbound_address=advertise))
     try:
         async with asyncio.timeout(WAIT):
@@ -168,8 +184,10 @@ async def test_caller_refuses_a_callee_with_another_identity(trio: Mesh) -> None
     async with rogue_instance(trio, "bob", advertise=carol.sidecar.inbound_address):
         state = alice.sidecar.state
         assert state is not None
-        await until(lambda: len(state.snapshot.endpoints(agent_id("bob"))) == 2,
-                    "alice never saw the second bob endpoint")
+        await until(
+            lambda: len(state.snapshot.endpoints(agent_id("bob"))) == 2,
+            "alice never saw the second bob endpoint",
+        )
         outcomes: list[str] = []
         for _ in range(2):  # round robin: one call to each bob endpoint
             try:
@@ -222,8 +240,12 @@ def federate(node: Node, ca: CertificateAuthority) -> None:
     assert state is not None
     snap = state.snapshot
     bundle = pb.TrustBundle(trust_domain=OTHER_TD.name, x509_authorities=list(ca.bundle().der()))
-    update = rpb.SnapshotUpdate(epoch=snap.epoch, base_revision=snap.revision,
-                                revision=snap.revision, changes=[rpb.Change(put_bundle=bundle)])
+    update = rpb.SnapshotUpdate(
+        epoch=snap.epoch,
+        base_revision=snap.revision,
+        revision=snap.revision,
+        changes=[rpb.Change(put_bundle=bundle)],
+    )
     assert snap.apply(update)
     state.snapshot_applied()
     assert state.bundles.get(OTHER_TD) is not None
@@ -234,11 +256,19 @@ def federate(node: Node, ca: CertificateAuthority) -> None:
     ("federated", "claims", "code", "why"),
     [
         (False, "spiffe://other.example/agents/x", grpc.StatusCode.UNAVAILABLE, None),
-        (True, "spiffe://other.example/agents/x", grpc.StatusCode.PERMISSION_DENIED,
-         "agent_not_registered"),
+        (
+            True,
+            "spiffe://other.example/agents/x",
+            grpc.StatusCode.PERMISSION_DENIED,
+            "agent_not_registered",
+        ),
         (True, ALICE, grpc.StatusCode.UNAUTHENTICATED, "peer_unauthenticated"),
     ],
-    ids=["not-federated-tls-refuses", "federated-own-domain-passes-tls", "federated-ca-signs-our-id"],
+    ids=[
+        "not-federated-tls-refuses",
+        "federated-own-domain-passes-tls",
+        "federated-ca-signs-our-id",
+    ],
 )
 async def test_federated_ca_vouches_only_for_its_own_trust_domain(
     trio: Mesh, federated: bool, claims: str, code: grpc.StatusCode, why: str | None
@@ -266,14 +296,19 @@ async def test_federated_ca_vouches_only_for_its_own_trust_domain(
 # Each caller holds a valid mesh SVID and dials bob itself, as a stolen key would: the
 # caller's own sidecar may refuse too, but the callee must not rely on that.
 
+
 async def joined_svid(mesh: Mesh, name: str) -> X509Svid:
     """An SVID obtained the way a sidecar gets one: a join token exchanged at the registry."""
     assert mesh.registry is not None
     sid = agent_id(name)
     creds = RegistryCredentials(
-        sid, registry=mesh.registry.address, bootstrap=mesh.registry.bootstrap_address,
-        data_dir=mesh.root / "joined" / name, clock=lambda: datetime.now(UTC),
-        join_token=await mesh.token(sid), bundle_file=mesh.bundle_path,
+        sid,
+        registry=mesh.registry.address,
+        bootstrap=mesh.registry.bootstrap_address,
+        data_dir=mesh.root / "joined" / name,
+        clock=lambda: datetime.now(UTC),
+        join_token=await mesh.token(sid),
+        bundle_file=mesh.bundle_path,
     )
     async with asyncio.timeout(WAIT):
         return await creds.obtain()
@@ -287,8 +322,10 @@ async def _disabled(mesh: Mesh) -> None:
     await mesh.disable("alice", reason="compromised")
     bob = mesh.nodes["bob"].sidecar.state
     assert bob is not None
-    await until(lambda: (a := bob.snapshot.agent_by_name("alice")) is not None and a.disabled,
-                "bob never saw alice disabled")
+    await until(
+        lambda: (a := bob.snapshot.agent_by_name("alice")) is not None and a.disabled,
+        "bob never saw alice disabled",
+    )
     await dial(mesh, mesh.nodes["bob"], issue(mesh_ca(mesh), ALICE))
 
 
@@ -297,8 +334,10 @@ async def _expired_agent(mesh: Mesh) -> None:
     await mesh.apply(agent("alice", expiresAt=expires.isoformat().replace("+00:00", "Z")))
     bob = mesh.nodes["bob"].sidecar.state
     assert bob is not None
-    await until(lambda: (a := bob.snapshot.agent_by_name("alice")) is not None
-                and a.expires_at == expires, "bob never saw alice's expiresAt")
+    await until(
+        lambda: (a := bob.snapshot.agent_by_name("alice")) is not None and a.expires_at == expires,
+        "bob never saw alice's expiresAt",
+    )
     svid = issue(mesh_ca(mesh), ALICE)  # outlives the agent record
     await dial(mesh, mesh.nodes["bob"], svid)  # still before expiresAt: allowed
     await asyncio.sleep((expires - datetime.now(UTC)).total_seconds() + 0.05)
@@ -308,8 +347,11 @@ async def _expired_agent(mesh: Mesh) -> None:
 @pytest.mark.parametrize(
     ("attempt", "why", "message"),
     [
-        (_unregistered, "agent_not_registered",
-         "caller 'spiffe://test.local/agents/ghost' is not a registered agent"),
+        (
+            _unregistered,
+            "agent_not_registered",
+            "caller 'spiffe://test.local/agents/ghost' is not a registered agent",
+        ),
         (_disabled, "agent_disabled", f"caller '{ALICE}' (agent 'alice') is disabled: compromised"),
         (_expired_agent, "agent_expired", f"caller '{ALICE}' (agent 'alice') expired at "),
     ],

@@ -409,7 +409,9 @@ def _edit(kind: str, name: str, change: Any) -> Any:
         ),
         pytest.param(
             "ClusterSPIFFEID typo",
-            _edit("ClusterSPIFFEID", "trustmesh-agents", lambda o: o["spec"].update(podSelecter={})),
+            _edit(
+                "ClusterSPIFFEID", "trustmesh-agents", lambda o: o["spec"].update(podSelecter={})
+            ),
             "Additional properties are not allowed ('podSelecter' was unexpected)",
             id="spire-typo",
         ),

@@ -47,19 +47,42 @@ def test_parse_duration_valid(text: str, expected: timedelta) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "banana", "", "1", "h", "1.5h", "-1h", "1w", "1H", "1h30m", "1 h",
+        "banana",
+        "",
+        "1",
+        "h",
+        "1.5h",
+        "-1h",
+        "1w",
+        "1H",
+        "1h30m",
+        "1 h",
         "9999999999999d",
     ],
-    ids=["word", "empty", "no-unit", "no-number", "fraction", "negative", "weeks",
-         "upper-case-unit", "compound", "inner-space", "too-many-digits"],
+    ids=[
+        "word",
+        "empty",
+        "no-unit",
+        "no-number",
+        "fraction",
+        "negative",
+        "weeks",
+        "upper-case-unit",
+        "compound",
+        "inner-space",
+        "too-many-digits",
+    ],
 )
 def test_parse_duration_invalid(text: str) -> None:
     with raises(ConfigError, f"bad duration {text!r}: use a number and a unit, like 90s"):
         parse_duration(text)
 
 
-@pytest.mark.parametrize("text", ["0s", "0d", "3651d", "9999999999d"],
-                         ids=["zero", "zero-days", "over-ten-years", "would-overflow"])
+@pytest.mark.parametrize(
+    "text",
+    ["0s", "0d", "3651d", "9999999999d"],
+    ids=["zero", "zero-days", "over-ten-years", "would-overflow"],
+)
 def test_parse_duration_out_of_range(text: str) -> None:
     with raises(ConfigError, f"bad duration {text!r}: must be more than 0s and at most 3650d"):
         parse_duration(text)
@@ -77,11 +100,20 @@ def test_parse_duration_out_of_range(text: str) -> None:
         (["registry", "init", "--data-dir", "d"], "required: --trust-domain"),
         (["agent", "enable", "alice", "--reason", "x"], "unrecognized arguments: --reason x"),
     ],
-    ids=["no-command", "unknown-command", "apply-without-f", "get-without-kind", "uses-not-int",
-         "unknown-output", "init-without-domain", "enable-takes-no-reason"],
+    ids=[
+        "no-command",
+        "unknown-command",
+        "apply-without-f",
+        "get-without-kind",
+        "uses-not-int",
+        "unknown-output",
+        "init-without-domain",
+        "enable-takes-no-reason",
+    ],
 )
-def test_usage_errors_exit_2(argv: list[str], message: str,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_errors_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
@@ -94,21 +126,34 @@ def test_usage_errors_exit_2(argv: list[str], message: str,
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["apply", "-f", "/nonexistent.yaml"],
-         "cannot read /nonexistent.yaml: No such file or directory"),
+        (
+            ["apply", "-f", "/nonexistent.yaml"],
+            "cannot read /nonexistent.yaml: No such file or directory",
+        ),
         (["token", "create", "spiffe://x/y", "--ttl", "banana"], "bad duration 'banana'"),
         (["token", "create", "not-an-id"], "Invalid SPIFFE ID 'not-an-id'"),
-        (["get", "agents", "--config", "{tmp}/missing.yaml"],
-         "no client config at {tmp}/missing.yaml"),
-        (["get", "agents", "--credentials", "{tmp}/op.pem"],
-         "--credentials needs --trust-bundle and --registry too"),
+        (
+            ["get", "agents", "--config", "{tmp}/missing.yaml"],
+            "no client config at {tmp}/missing.yaml",
+        ),
+        (
+            ["get", "agents", "--credentials", "{tmp}/op.pem"],
+            "--credentials needs --trust-bundle and --registry too",
+        ),
         (["registry", "serve", "--data-dir", "{tmp}"], "holds no CA: run `trustmesh registry init"),
     ],
-    ids=["apply-missing-file", "bad-ttl", "bad-spiffe-id", "missing-config",
-         "credentials-alone", "serve-uninitialised"],
+    ids=[
+        "apply-missing-file",
+        "bad-ttl",
+        "bad-spiffe-id",
+        "missing-config",
+        "credentials-alone",
+        "serve-uninitialised",
+    ],
 )
-def test_config_errors_exit_1_with_one_line(argv: list[str], message: str, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_errors_exit_1_with_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == 1
     out = capsys.readouterr()
@@ -120,10 +165,18 @@ def test_config_errors_exit_1_with_one_line(argv: list[str], message: str, tmp_p
 
 
 def test_out_of_range_uses_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    DataDir(tmp_path / "d").init(TrustDomain.parse("test.local"), now=datetime.now(UTC),
-                                 registry_address="127.0.0.1:1")
-    argv = ["token", "create", "spiffe://test.local/a", "--uses", "99999999999",
-            "--config", str(tmp_path / "d" / "config.yaml")]
+    DataDir(tmp_path / "d").init(
+        TrustDomain.parse("test.local"), now=datetime.now(UTC), registry_address="127.0.0.1:1"
+    )
+    argv = [
+        "token",
+        "create",
+        "spiffe://test.local/a",
+        "--uses",
+        "99999999999",
+        "--config",
+        str(tmp_path / "d" / "config.yaml"),
+    ]
     assert main(argv) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("trustmesh: error: ")
@@ -135,8 +188,9 @@ def test_verbose_lets_the_traceback_through(tmp_path: Path) -> None:
         main(["-v", "apply", "-f", "/nonexistent.yaml"])
 
 
-def test_apply_reports_the_file_and_field(tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_apply_reports_the_file_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "apiVersion: trustmesh.dev/v1alpha1\nkind: Agent\nmetadata: {name: a}\n"

@@ -20,8 +20,13 @@ AGENT = sid(f"spiffe://{TD}/agents/a")
 
 
 def _creds(tmp_path: Path, now: datetime = NOW, **kw: object) -> RegistryCredentials:
-    args: dict[str, object] = {"registry": "127.0.0.1:1", "bootstrap": "127.0.0.1:2",
-                               "data_dir": tmp_path, "clock": lambda: now, "bundle_file": tmp_path / "b.pem"}
+    args: dict[str, object] = {
+        "registry": "127.0.0.1:1",
+        "bootstrap": "127.0.0.1:2",
+        "data_dir": tmp_path,
+        "clock": lambda: now,
+        "bundle_file": tmp_path / "b.pem",
+    }
     args.update(kw)
     return RegistryCredentials(AGENT, **args)  # type: ignore[arg-type]
 

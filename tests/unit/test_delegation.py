@@ -156,10 +156,14 @@ def test_a_user_origin_is_delegated_even_at_depth_one(
     snapshot: Snapshot, verifier: PeerVerifier
 ) -> None:
     user = UserOrigin("https://idp.example", "alice", (("groups", ("analysts",)),))
-    allowed = check(build(["orchestrator"], origin_user=user), snapshot, verifier, peer="orchestrator")
+    allowed = check(
+        build(["orchestrator"], origin_user=user), snapshot, verifier, peer="orchestrator"
+    )
     assert allowed.allowed and allowed.chain is not None and allowed.chain.origin == user
     other = UserOrigin("https://other.example", "alice")
-    denied = check(build(["orchestrator"], origin_user=other), snapshot, verifier, peer="orchestrator")
+    denied = check(
+        build(["orchestrator"], origin_user=other), snapshot, verifier, peer="orchestrator"
+    )
     assert denied.reason is Reason.CHAIN_ORIGIN_NOT_ALLOWED
 
 
@@ -245,8 +249,14 @@ def test_a_repeated_agent_refers_to_its_earlier_certificate() -> None:
     assert [h.WhichOneof("issuer_cert") for h in hops] == ["cert_chain", "cert_chain", "cert_ref"]
     assert hops[2].cert_ref == 0
     rotated = {**SVIDS, "orchestrator": issue(CA, SVIDS["orchestrator"].spiffe_id)}
-    renewed = extend_chain(build(["orchestrator"], "planner"), svid=SVIDS["planner"],
-                           audience=sid("orchestrator"), method=METHOD, now=NOW, nonce=b"y" * 16)
+    renewed = extend_chain(
+        build(["orchestrator"], "planner"),
+        svid=SVIDS["planner"],
+        audience=sid("orchestrator"),
+        method=METHOD,
+        now=NOW,
+        nonce=b"y" * 16,
+    )
     again = extend_chain(renewed, svid=rotated["orchestrator"], audience=sid("tool"),
                          method=METHOD, now=NOW, nonce=b"z" * 16)  # fmt: skip
     assert dpb.Hop.FromString(split_chain(again).hop(2).body).WhichOneof("issuer_cert") == (

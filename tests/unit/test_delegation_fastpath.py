@@ -143,7 +143,7 @@ def _mutations() -> list[tuple[str, bytes]]:
         ("last hop unsigned", prefix + encode_chain([(last.body, b"")])[2:]),
         ("last hop dropped", prefix),
         ("last hop twice", VALID + encode_chain([(last.body, last.signature)])[2:]),
-        ("another chain's last hop", prefix + split_chain(other).data[len(prefix):]),
+        ("another chain's last hop", prefix + split_chain(other).data[len(prefix) :]),
         ("last body truncated", prefix + encode_chain([(last.body[:-1], last.signature)])[2:]),
     ]
 

@@ -52,9 +52,20 @@ def sid(name: str) -> SpiffeId:
 
 def _valid() -> bytes:
     chain = None
-    for issuer, audience in [("orchestrator", "planner"), ("planner", "helper"), ("helper", "tool")]:
-        chain = extend_chain(chain, svid=SVIDS[issuer], audience=sid(audience), method=METHOD,
-                             now=NOW, nonce=b"n" * 16, scopes=["s"] if chain is None else None)
+    for issuer, audience in [
+        ("orchestrator", "planner"),
+        ("planner", "helper"),
+        ("helper", "tool"),
+    ]:
+        chain = extend_chain(
+            chain,
+            svid=SVIDS[issuer],
+            audience=sid(audience),
+            method=METHOD,
+            now=NOW,
+            nonce=b"n" * 16,
+            scopes=["s"] if chain is None else None,
+        )
     assert chain is not None
     return chain  # fmt: skip
 
@@ -105,9 +116,7 @@ def test_bit_flips_are_denied(bits: set[int]) -> None:
 
 @SETTINGS
 @given(
-    st.lists(
-        st.tuples(st.binary(max_size=300), st.binary(max_size=80)), min_size=1, max_size=10
-    ),
+    st.lists(st.tuples(st.binary(max_size=300), st.binary(max_size=80)), min_size=1, max_size=10),
     st.integers(0, 3),
 )
 def test_random_hops_are_denied(hops: list[tuple[bytes, bytes]], version: int) -> None:
@@ -124,8 +133,20 @@ def test_hop_bodies_with_random_fields_are_denied(data: st.DataObject) -> None:
     raw = split_chain(VALID).hops()
     i = data.draw(st.integers(0, len(raw) - 1))
     hop = dpb.Hop.FromString(raw[i].body)
-    name = data.draw(st.sampled_from(["issuer", "audience", "method", "issued_at_ms",
-                                      "expires_at_ms", "nonce", "trace_id", "prev_digest"]))
+    name = data.draw(
+        st.sampled_from(
+            [
+                "issuer",
+                "audience",
+                "method",
+                "issued_at_ms",
+                "expires_at_ms",
+                "nonce",
+                "trace_id",
+                "prev_digest",
+            ]
+        )
+    )
     if name in ("issued_at_ms", "expires_at_ms"):
         setattr(hop, name, data.draw(st.integers(-(2**63), 2**63 - 1)))
     elif name in ("nonce", "trace_id", "prev_digest"):

@@ -157,7 +157,11 @@ def test_manifest_errors_name_the_field(text: str, field: str, problem: str) -> 
 def test_minimal_policy_round_trips() -> None:
     (policy,) = parse_documents(_spec(), "p.yaml")
     assert isinstance(policy, DelegationPolicy)
-    assert (policy.max_depth, policy.required_scopes, policy.require_user_origin) == (None, (), False)
+    assert (policy.max_depth, policy.required_scopes, policy.require_user_origin) == (
+        None,
+        (),
+        False,
+    )
     assert to_document(policy)["spec"] == {
         "callees": [{"name": "tool"}],
         "allowedOrigins": [{"name": "o"}],
@@ -191,7 +195,12 @@ def test_from_pb_validates(msg: pb.DelegationPolicy, problem: str) -> None:
 
 # -- paths --------------------------------------------------------------------------------
 
-ORCH, P, T, W = view("o", "orchestrator"), view("p", "planner"), view("t", "tool"), view("w", "worker")
+ORCH, P, T, W = (
+    view("o", "orchestrator"),
+    view("p", "planner"),
+    view("t", "tool"),
+    view("w", "worker"),
+)
 ANY, ONE = PathWildcard.ANY, PathWildcard.ONE
 
 
@@ -215,7 +224,9 @@ ANY, ONE = PathWildcard.ANY, PathWildcard.ONE
     ids=["exact", "too-short", "too-long", "one", "one-missing", "any-empty", "any-run",
          "leading-any", "anchored-end", "two-runs", "runs-and-one", "any-nothing", "one-nothing"],
 )  # fmt: skip
-def test_path_globs(pattern: tuple[PathElement, ...], issuers: list[AgentView], matches: bool) -> None:
+def test_path_globs(
+    pattern: tuple[PathElement, ...], issuers: list[AgentView], matches: bool
+) -> None:
     assert match_path(pattern, issuers) is matches
 
 
@@ -242,7 +253,10 @@ SCOPES = frozenset({"tools:invoke"})
          "policy-depth", "required-scope"],
 )  # fmt: skip
 def test_policy_decisions(
-    origin: AgentOrigin | UserOrigin, issuers: list[AgentView], scopes: frozenset[str], reason: Reason
+    origin: AgentOrigin | UserOrigin,
+    issuers: list[AgentView],
+    scopes: frozenset[str],
+    reason: Reason,
 ) -> None:
     origin_agent = issuers[0] if isinstance(origin, AgentOrigin) else None
     decision = chain_policy_decision([POLICY], T, origin, origin_agent, issuers, scopes)
@@ -287,7 +301,9 @@ def test_snapshot_indexes_policies_by_callee_and_forwarder() -> None:
     assert snap.can_delegate_onward(P) and not snap.can_delegate_onward(tool)
     assert not snap.can_delegate_onward(ORCH)  # only ever at position 0
     # a wildcard after the first position lets anyone forward; deleting it undoes that
-    assert snap.apply(rpb.SnapshotUpdate(epoch="e", revision=2, base_revision=1, changes=[_put(POLICY)]))
+    assert snap.apply(
+        rpb.SnapshotUpdate(epoch="e", revision=2, base_revision=1, changes=[_put(POLICY)])
+    )
     assert snap.can_delegate_onward(tool) and snap.delegation_policy("tools-via-planner") == POLICY
     assert [p.name for p in snap.delegation_policies_for(T)] == ["tools-via-planner"]
     gone = rpb.Change(delete_delegation_policy="tools-via-planner")

@@ -59,7 +59,9 @@ def mesh_snapshot(yaml_text: str, disabled: set[str]) -> Snapshot:
         elif isinstance(r, DelegationPolicy):
             changes.append(rpb.Change(put_delegation_policy=wire.delegation_policy_to_pb(r)))
     snapshot = Snapshot()
-    assert snapshot.apply(rpb.SnapshotUpdate(epoch="vectors", revision=1, full=True, changes=changes))
+    assert snapshot.apply(
+        rpb.SnapshotUpdate(epoch="vectors", revision=1, full=True, changes=changes)
+    )
     return snapshot
 
 

@@ -32,7 +32,12 @@ E = ErrorCode
 
 
 def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + stream.to_bytes(4, "big") + payload
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes([ftype, flags])
+        + stream.to_bytes(4, "big")
+        + payload
+    )
 
 
 def settings_payload(*pairs: tuple[int, int]) -> bytes:
@@ -53,22 +58,40 @@ ERRORS = {
     "padding-too-long": (frame(f.DATA, 0x8, 1, b"\x05abc"), {}, E.PROTOCOL_ERROR),
     "padded-without-length": (frame(f.DATA, 0x8, 1, b""), {}, E.FRAME_SIZE_ERROR),
     "continuation-alone": (frame(f.CONTINUATION, 4, 1, b"\x82"), {}, E.PROTOCOL_ERROR),
-    "interleaved-block": (frame(f.HEADERS, 0, 1, b"\x82") + frame(f.DATA, 0, 1, b"x"), {},
-                          E.PROTOCOL_ERROR),
-    "continuation-other-stream": (frame(f.HEADERS, 0, 1, b"\x82")
-                                  + frame(f.CONTINUATION, 4, 3, b"\x84"), {}, E.PROTOCOL_ERROR),
-    "continuation-flood": (frame(f.HEADERS, 0, 1, b"\x82") + frame(f.CONTINUATION, 0, 1) * 40,
-                           {}, E.ENHANCE_YOUR_CALM),
-    "block-too-large": (frame(f.HEADERS, 0, 1, bytes(9000)) + frame(f.CONTINUATION, 0, 1, bytes(9000)),
-                        {"max_block_bytes": 16384}, E.ENHANCE_YOUR_CALM),
+    "interleaved-block": (
+        frame(f.HEADERS, 0, 1, b"\x82") + frame(f.DATA, 0, 1, b"x"),
+        {},
+        E.PROTOCOL_ERROR,
+    ),
+    "continuation-other-stream": (
+        frame(f.HEADERS, 0, 1, b"\x82") + frame(f.CONTINUATION, 4, 3, b"\x84"),
+        {},
+        E.PROTOCOL_ERROR,
+    ),
+    "continuation-flood": (
+        frame(f.HEADERS, 0, 1, b"\x82") + frame(f.CONTINUATION, 0, 1) * 40,
+        {},
+        E.ENHANCE_YOUR_CALM,
+    ),
+    "block-too-large": (
+        frame(f.HEADERS, 0, 1, bytes(9000)) + frame(f.CONTINUATION, 0, 1, bytes(9000)),
+        {"max_block_bytes": 16384},
+        E.ENHANCE_YOUR_CALM,
+    ),
     "settings-length": (frame(f.SETTINGS, 0, 0, b"\x00\x01\x00"), {}, E.FRAME_SIZE_ERROR),
     "settings-ack-payload": (frame(f.SETTINGS, 1, 0, bytes(6)), {}, E.FRAME_SIZE_ERROR),
     "settings-on-stream": (frame(f.SETTINGS, 0, 1), {}, E.PROTOCOL_ERROR),
     "enable-push-2": (frame(f.SETTINGS, 0, 0, settings_payload((2, 2))), {}, E.PROTOCOL_ERROR),
-    "window-too-large": (frame(f.SETTINGS, 0, 0, settings_payload((4, 2**31))), {},
-                         E.FLOW_CONTROL_ERROR),
-    "max-frame-too-small": (frame(f.SETTINGS, 0, 0, settings_payload((5, 100))), {},
-                            E.PROTOCOL_ERROR),
+    "window-too-large": (
+        frame(f.SETTINGS, 0, 0, settings_payload((4, 2**31))),
+        {},
+        E.FLOW_CONTROL_ERROR,
+    ),
+    "max-frame-too-small": (
+        frame(f.SETTINGS, 0, 0, settings_payload((5, 100))),
+        {},
+        E.PROTOCOL_ERROR,
+    ),
     "ping-length": (frame(f.PING, 0, 0, bytes(7)), {}, E.FRAME_SIZE_ERROR),
     "ping-on-stream": (frame(f.PING, 0, 1, bytes(8)), {}, E.PROTOCOL_ERROR),
     "rst-on-stream-0": (frame(f.RST_STREAM, 0, 0, bytes(4)), {}, E.PROTOCOL_ERROR),
@@ -89,27 +112,48 @@ def test_connection_errors(data: bytes, kw: dict[str, int], code: ErrorCode) -> 
 
 EVENTS = {
     "preface-then-settings": (
-        f.PREFACE + frame(f.SETTINGS, 0, 0, settings_payload((4, 1000))), True,
-        [f.SettingsFrame(False, ((4, 1000),))]),
+        f.PREFACE + frame(f.SETTINGS, 0, 0, settings_payload((4, 1000))),
+        True,
+        [f.SettingsFrame(False, ((4, 1000),))],
+    ),
     "padded-data-counts-padding": (
-        frame(f.DATA, 0x8 | 0x1, 1, b"\x03abc\x00\x00\x00"), False,
-        [f.DataFrame(1, b"abc", True, 7)]),
+        frame(f.DATA, 0x8 | 0x1, 1, b"\x03abc\x00\x00\x00"),
+        False,
+        [f.DataFrame(1, b"abc", True, 7)],
+    ),
     "headers-with-continuations": (
-        frame(f.HEADERS, 0x1, 1, b"\x82") + frame(f.CONTINUATION, 0, 1, b"\x84")
-        + frame(f.CONTINUATION, 4, 1, b"\x86"), False,
-        [f.HeaderBlock(1, b"\x82\x84\x86", True)]),
+        frame(f.HEADERS, 0x1, 1, b"\x82")
+        + frame(f.CONTINUATION, 0, 1, b"\x84")
+        + frame(f.CONTINUATION, 4, 1, b"\x86"),
+        False,
+        [f.HeaderBlock(1, b"\x82\x84\x86", True)],
+    ),
     "headers-padded-with-priority": (
-        frame(f.HEADERS, 0x4 | 0x8 | 0x20, 3, b"\x02" + bytes(5) + b"\x82" + b"\x00\x00"), False,
-        [f.HeaderBlock(3, b"\x82", False)]),
-    "priority-self-dependent": (frame(f.PRIORITY, 0, 5, b"\x00\x00\x00\x05\x10"), False,
-                                [f.StreamError(5, E.PROTOCOL_ERROR)]),
-    "priority-bad-length": (frame(f.PRIORITY, 0, 5, b"\x00"), False,
-                            [f.StreamError(5, E.FRAME_SIZE_ERROR)]),
+        frame(f.HEADERS, 0x4 | 0x8 | 0x20, 3, b"\x02" + bytes(5) + b"\x82" + b"\x00\x00"),
+        False,
+        [f.HeaderBlock(3, b"\x82", False)],
+    ),
+    "priority-self-dependent": (
+        frame(f.PRIORITY, 0, 5, b"\x00\x00\x00\x05\x10"),
+        False,
+        [f.StreamError(5, E.PROTOCOL_ERROR)],
+    ),
+    "priority-bad-length": (
+        frame(f.PRIORITY, 0, 5, b"\x00"),
+        False,
+        [f.StreamError(5, E.FRAME_SIZE_ERROR)],
+    ),
     "unknown-type-ignored": (frame(0x42, 0xFF, 9, b"junk"), False, [f.IgnoredFrame(0x42, 9)]),
-    "reserved-bit-masked": (frame(f.WINDOW_UPDATE, 0, 0x80000001, b"\x80\x00\x00\x10"), False,
-                            [f.WindowUpdateFrame(1, 16)]),
-    "goaway-debug": (frame(f.GOAWAY, 0, 0, struct.pack(">LL", 7, 11) + b"calm"), False,
-                     [f.GoAwayFrame(7, 11, b"calm")]),
+    "reserved-bit-masked": (
+        frame(f.WINDOW_UPDATE, 0, 0x80000001, b"\x80\x00\x00\x10"),
+        False,
+        [f.WindowUpdateFrame(1, 16)],
+    ),
+    "goaway-debug": (
+        frame(f.GOAWAY, 0, 0, struct.pack(">LL", 7, 11) + b"calm"),
+        False,
+        [f.GoAwayFrame(7, 11, b"calm")],
+    ),
 }
 
 
@@ -193,7 +237,9 @@ frames_st = st.builds(
 
 @FUZZ
 @given(st.lists(frames_st, max_size=30), st.data())
-def test_frame_streams_split_anywhere_decode_alike(frames: list[bytes], data: st.DataObject) -> None:
+def test_frame_streams_split_anywhere_decode_alike(
+    frames: list[bytes], data: st.DataObject
+) -> None:
     wire = f.PREFACE + b"".join(frames)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=20)))
     chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
@@ -264,12 +310,22 @@ REQUEST = ENC.encode([(":method", "POST"), (":path", "/a.B/C"), (":scheme", "htt
 
 conn_frames_st = st.one_of(
     frames_st,
-    st.builds(lambda s, e: frame(f.HEADERS, 4 | e, s, REQUEST),
-              st.sampled_from([1, 3, 5, 7]), st.sampled_from([0, 1])),
-    st.builds(lambda s, n, e: frame(f.DATA, e, s, bytes(n)),
-              st.sampled_from([1, 3, 5, 7]), st.integers(0, 300), st.sampled_from([0, 1])),
-    st.builds(lambda s, n: frame(f.WINDOW_UPDATE, 0, s, n.to_bytes(4, "big")),
-              st.sampled_from([0, 1, 3]), st.integers(0, 2**31 - 1)),
+    st.builds(
+        lambda s, e: frame(f.HEADERS, 4 | e, s, REQUEST),
+        st.sampled_from([1, 3, 5, 7]),
+        st.sampled_from([0, 1]),
+    ),
+    st.builds(
+        lambda s, n, e: frame(f.DATA, e, s, bytes(n)),
+        st.sampled_from([1, 3, 5, 7]),
+        st.integers(0, 300),
+        st.sampled_from([0, 1]),
+    ),
+    st.builds(
+        lambda s, n: frame(f.WINDOW_UPDATE, 0, s, n.to_bytes(4, "big")),
+        st.sampled_from([0, 1, 3]),
+        st.integers(0, 2**31 - 1),
+    ),
     st.builds(lambda s: frame(f.RST_STREAM, 0, s, bytes(4)), st.sampled_from([1, 3, 5])),
 )
 
@@ -278,8 +334,7 @@ conn_frames_st = st.one_of(
 @given(st.lists(conn_frames_st, max_size=40), st.integers(1, 64))
 def test_connection_survives_any_frames(frames: list[bytes], chunk: int) -> None:
     async def run() -> None:
-        conn = H2Connection(H2Config(max_concurrent_streams=3), client=False,
-                            on_request=on_request)
+        conn = H2Connection(H2Config(max_concurrent_streams=3), client=False, on_request=on_request)
         transport = MemoryTransport()
         conn.connection_made(transport)
         wire = f.PREFACE + frame(f.SETTINGS, 0, 0) + b"".join(frames)

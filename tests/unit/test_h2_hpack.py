@@ -26,15 +26,31 @@ from trustmesh_sidecar.h2.hpack_cache import (
     HeaderError,
 )
 
-names = st.sampled_from([b"content-type", b"x-a", b"x-b", b"grpc-timeout", b"traceparent",
-                         b":path", b"trustmesh-user-token", b"x-long-name-" + b"n" * 40])
+names = st.sampled_from(
+    [
+        b"content-type",
+        b"x-a",
+        b"x-b",
+        b"grpc-timeout",
+        b"traceparent",
+        b":path",
+        b"trustmesh-user-token",
+        b"x-long-name-" + b"n" * 40,
+    ]
+)
 values = st.sampled_from([b"", b"application/grpc", b"v", b"1000m", b"x" * 300, b"\x00\xff"])
 header_lists = st.lists(st.tuples(names, values), max_size=12)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(header_lists, st.booleans(), st.sampled_from([None, 0, 64, 4096]),
-                          st.integers(1, 3)), max_size=12))
+@given(
+    st.lists(
+        st.tuples(
+            header_lists, st.booleans(), st.sampled_from([None, 0, 64, 4096]), st.integers(1, 3)
+        ),
+        max_size=12,
+    )
+)
 def test_decoder_matches_the_reference_across_blocks(
     blocks: list[tuple[list[tuple[bytes, bytes]], bool, int | None, int]],
 ) -> None:
@@ -163,7 +179,9 @@ def test_format_timeout_never_shortens(seconds: float) -> None:
 def test_grpc_message_round_trips(text: str) -> None:
     encoded = wire.encode_message(text)
     assert all(0x20 <= b <= 0x7E for b in encoded)
-    assert wire.decode_message(encoded) == text.encode("utf-8", "replace").decode("utf-8", "replace")
+    assert wire.decode_message(encoded) == text.encode("utf-8", "replace").decode(
+        "utf-8", "replace"
+    )
 
 
 def test_binary_metadata_round_trips() -> None:
@@ -219,8 +237,12 @@ def test_malformed_requests(raw: tuple[tuple[bytes, bytes], ...]) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "path"),
-    [(b"/a.B/C\n", "/a.B/C\n"), ("/a.B/Uñ".encode(), "/a.B/Uñ"), (b"/a\x00\r", "/a\x00\r"),
-     (b"/a.B/\xff", "/a.B/\ufffd")],
+    [
+        (b"/a.B/C\n", "/a.B/C\n"),
+        ("/a.B/Uñ".encode(), "/a.B/Uñ"),
+        (b"/a\x00\r", "/a\x00\r"),
+        (b"/a.B/\xff", "/a.B/\ufffd"),
+    ],
     ids=["newline", "utf-8", "nul-cr", "not-utf-8"],
 )
 def test_any_path_reaches_the_router_but_never_goes_upstream(raw: bytes, path: str) -> None:

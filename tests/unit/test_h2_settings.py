@@ -30,8 +30,9 @@ def peer_settings(*, ack: bool) -> bytes:
 @pytest.mark.parametrize("client", [True, False], ids=["client", "server"])
 @pytest.mark.parametrize("ack", [False, True], ids=["never-acked", "acked"])
 async def test_unacknowledged_settings_close_the_connection(client: bool, ack: bool) -> None:
-    conn = H2Connection(H2Config(settings_ack_timeout_s=TIMEOUT), client=client,
-                        on_request=lambda *a: None)
+    conn = H2Connection(
+        H2Config(settings_ack_timeout_s=TIMEOUT), client=client, on_request=lambda *a: None
+    )
     transport = MemoryTransport()
     conn.connection_made(transport)
     conn.data_received((b"" if client else f.PREFACE) + peer_settings(ack=ack))

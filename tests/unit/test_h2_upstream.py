@@ -92,8 +92,9 @@ class CountingConnection(H2Connection):
 
 
 class App:
-    def __init__(self, refuse: Refuse | None = None, *, max_streams: int = 100,
-                 delay: float = 0.0) -> None:
+    def __init__(
+        self, refuse: Refuse | None = None, *, max_streams: int = 100, delay: float = 0.0
+    ) -> None:
         self.refuse = refuse
         self.config = H2Config(max_concurrent_streams=max_streams)
         self.delay = delay
@@ -108,8 +109,9 @@ class App:
         self.conns.append(conn)
         return conn
 
-    def on_request(self, conn: H2Connection, stream: Stream, raw: RawHeaders, size: int,
-                   end: bool) -> None:
+    def on_request(
+        self, conn: H2Connection, stream: Stream, raw: RawHeaders, size: int, end: bool
+    ) -> None:
         request = Request(self.conns.index(conn), stream.id)
         self.requests.append(request)
         self.most_open = max(self.most_open, len(conn.streams))
@@ -159,15 +161,23 @@ class Router:
 
 
 @contextlib.asynccontextmanager
-async def engine_to(app_address: str, tmp_path: Path, **config: Any
-                    ) -> AsyncIterator[tuple[grpc.aio.Channel, Router]]:
+async def engine_to(
+    app_address: str, tmp_path: Path, **config: Any
+) -> AsyncIterator[tuple[grpc.aio.Channel, Router]]:
     ca = make_ca()
-    engine = H2Engine(issue(ca, "spiffe://example.org/agents/alice"), bundles(ca),
-                      bridge_dir=tmp_path / "h2", config=H2Config(**config))
+    engine = H2Engine(
+        issue(ca, "spiffe://example.org/agents/alice"),
+        bundles(ca),
+        bridge_dir=tmp_path / "h2",
+        config=H2Config(**config),
+    )
     router = Router(app_address)
-    _, outbound = await engine.start(inbound_address="127.0.0.1:0",
-                                     outbound_address="127.0.0.1:0",
-                                     inbound_router=router, outbound_router=router)
+    _, outbound = await engine.start(
+        inbound_address="127.0.0.1:0",
+        outbound_address="127.0.0.1:0",
+        inbound_router=router,
+        outbound_router=router,
+    )
     channel = grpc.aio.insecure_channel(outbound)
     try:
         yield channel, router
@@ -227,8 +237,9 @@ PAYLOAD = bytes(range(256)) * 11 + b"tail" * 6
 BODY = b"\x00" + len(PAYLOAD).to_bytes(4, "big") + PAYLOAD  # the message as on the wire
 
 
-@pytest.mark.parametrize("refuse", [goaway_below, refused_once],
-                         ids=["goaway-last-stream-below", "rst-refused-stream"])
+@pytest.mark.parametrize(
+    "refuse", [goaway_below, refused_once], ids=["goaway-last-stream-below", "rst-refused-stream"]
+)
 async def test_an_unprocessed_stream_is_retried_with_the_same_request(
     tmp_path: Path, refuse: Refuse
 ) -> None:
@@ -316,4 +327,3 @@ async def test_a_peer_that_sends_no_settings_fails_the_dial(tmp_path: Path) -> N
             writer.close()
         server.close()
     assert len(accepted) == 1
-

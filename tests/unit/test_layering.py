@@ -58,8 +58,5 @@ def test_the_core_imports_neither_outside_the_composition_root() -> None:
 
 def test_nothing_above_the_engine_seam_imports_grpc() -> None:
     above = ["engine.py", "routing.py", "chains.py", "headers.py", "state.py"]
-    offenders = [
-        name for name in above
-        if "grpc" in _imports(PACKAGES["trustmesh_sidecar"] / name)
-    ]
+    offenders = [name for name in above if "grpc" in _imports(PACKAGES["trustmesh_sidecar"] / name)]
     assert offenders == []

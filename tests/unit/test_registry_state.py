@@ -23,23 +23,45 @@ REGISTRY_ID = SpiffeId.parse(f"spiffe://{TD}/trustmesh/registry")
 
 
 def bp(name: str = "any", methods: list[str] | None = None) -> tuple[str, dict[str, Any]]:
-    return (f"bp/{name}", {"apiVersion": API, "kind": "AgentBlueprint", "metadata": {"name": name},
-                           "spec": {"allowedMethods": methods or ["*"]}})
+    return (
+        f"bp/{name}",
+        {
+            "apiVersion": API,
+            "kind": "AgentBlueprint",
+            "metadata": {"name": name},
+            "spec": {"allowedMethods": methods or ["*"]},
+        },
+    )
 
 
 def ag(name: str, spiffe_id: str | None = None, **spec: Any) -> tuple[str, dict[str, Any]]:
-    return (f"agent/{name}", {
-        "apiVersion": API, "kind": "Agent", "metadata": {"name": name},
-        "spec": {"spiffeId": spiffe_id or f"spiffe://{TD}/agents/{name}", "blueprint": "any",
-                 "sponsor": "s@example.com", **spec},
-    })
+    return (
+        f"agent/{name}",
+        {
+            "apiVersion": API,
+            "kind": "Agent",
+            "metadata": {"name": name},
+            "spec": {
+                "spiffeId": spiffe_id or f"spiffe://{TD}/agents/{name}",
+                "blueprint": "any",
+                "sponsor": "s@example.com",
+                **spec,
+            },
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def issuer() -> Issuer:
     """The registry's own reserved-ID rule (Issuer.is_reserved), with a throwaway CA."""
-    return Issuer(make_ca(TD), REGISTRY_ID, lambda: [], lambda: NOW,
-                  svid_ttl=timedelta(hours=1), operator_ttl=timedelta(days=1))
+    return Issuer(
+        make_ca(TD),
+        REGISTRY_ID,
+        lambda: [],
+        lambda: NOW,
+        svid_ttl=timedelta(hours=1),
+        operator_ttl=timedelta(days=1),
+    )
 
 
 @pytest.fixture
@@ -52,7 +74,8 @@ def state(issuer: Issuer) -> RegistryState:
 
 def test_apply_verbs(state: RegistryState) -> None:
     assert state.apply([bp(), ag("alice")]).applied == [
-        "AgentBlueprint/any created", "Agent/alice created",
+        "AgentBlueprint/any created",
+        "Agent/alice created",
     ]
     rev = state.revision
     unchanged = state.apply([bp(), ag("alice")])
@@ -67,7 +90,8 @@ def test_dry_run_writes_nothing() -> None:
     store = MemoryStore()
     st = RegistryState(store, lambda: [])
     assert st.apply([bp(), ag("alice")], dry_run=True).applied == [
-        "AgentBlueprint/any created", "Agent/alice created",
+        "AgentBlueprint/any created",
+        "Agent/alice created",
     ]
     assert (st.revision, st.agents, store.state.documents) == (0, {}, {})
 
@@ -99,7 +123,9 @@ def test_updates_since_resumes_with_deltas(state: RegistryState) -> None:
     updates = state.updates_since(state.epoch, base)
     assert updates is not None
     assert [(u.base_revision, u.revision) for u in updates] == [
-        (base, base + 1), (base + 1, base + 2), (base + 2, base + 3),
+        (base, base + 1),
+        (base + 1, base + 2),
+        (base + 2, base + 3),
     ]
     assert all(not u.full and len(u.changes) == 1 for u in updates)
     assert state.updates_since(state.epoch, state.revision) == []
@@ -110,8 +136,9 @@ def test_updates_since_resumes_with_deltas(state: RegistryState) -> None:
     [("other-epoch", 1), ("", 0), ("SAME", 0), ("SAME", 999)],
     ids=["unknown-epoch", "empty-epoch", "too-old", "from-the-future"],
 )
-def test_updates_since_needs_a_full_snapshot(state: RegistryState, epoch: str,
-                                             revision: int) -> None:
+def test_updates_since_needs_a_full_snapshot(
+    state: RegistryState, epoch: str, revision: int
+) -> None:
     state.apply([bp(), ag("alice")])
     _bump(state, 10)  # the log keeps 8 updates: revision 0..3 have fallen off
     assert state.updates_since(state.epoch if epoch == "SAME" else epoch, revision) is None
@@ -166,8 +193,7 @@ def test_full_backlog_is_built_once_and_caught_up_with_deltas(state: RegistrySta
     state.set_agent_state("bob", disabled=True, reason="r")
     second, sent = state.full_backlog()
     assert second[0] is first[0]  # the same serialized snapshot, not built again
-    assert [u.revision for u in second[1:] if isinstance(u, rpb.SnapshotUpdate)] == [
-        sent - 1, sent]
+    assert [u.revision for u in second[1:] if isinstance(u, rpb.SnapshotUpdate)] == [sent - 1, sent]
     assert _fold(second) == _fold([state.full_snapshot()])
     assert ("endpoint", f"spiffe://{TD}/agents/alice|i") in _fold(second)
 
@@ -234,8 +260,12 @@ def test_lagging_watcher_is_dropped_with_a_sentinel(state: RegistryState) -> Non
 
 @pytest.mark.parametrize(
     "spiffe_id",
-    [str(REGISTRY_ID), f"spiffe://{TD}/operators/admin", f"spiffe://{TD}/operators",
-     f"spiffe://{TD}/operators/team/bob"],
+    [
+        str(REGISTRY_ID),
+        f"spiffe://{TD}/operators/admin",
+        f"spiffe://{TD}/operators",
+        f"spiffe://{TD}/operators/team/bob",
+    ],
     ids=["registry", "operator", "operators-root", "nested-operator"],
 )
 def test_reserved_ids_refused_as_agent_ids(state: RegistryState, spiffe_id: str) -> None:
@@ -245,7 +275,8 @@ def test_reserved_ids_refused_as_agent_ids(state: RegistryState, spiffe_id: str)
 
 
 @pytest.mark.parametrize(
-    "spiffe_id", [f"spiffe://{TD}/operatorsx", f"spiffe://{TD}/trustmesh/registry2"],
+    "spiffe_id",
+    [f"spiffe://{TD}/operatorsx", f"spiffe://{TD}/trustmesh/registry2"],
     ids=["operators-prefix-only", "registry-prefix-only"],
 )
 def test_lookalike_ids_are_not_reserved(state: RegistryState, spiffe_id: str) -> None:
@@ -255,8 +286,11 @@ def test_lookalike_ids_are_not_reserved(state: RegistryState, spiffe_id: str) ->
 
 def test_agent_id_owned_by_another_agent_refused(state: RegistryState) -> None:
     state.apply([bp(), ag("alice")])
-    with raises(ManifestError, "agent/mallory: spec.spiffeId: spiffe://test.local/agents/alice "
-                               "already belongs to Agent/alice"):
+    with raises(
+        ManifestError,
+        "agent/mallory: spec.spiffeId: spiffe://test.local/agents/alice "
+        "already belongs to Agent/alice",
+    ):
         state.apply([ag("mallory", f"spiffe://{TD}/agents/alice")])
     assert set(state.agents) == {"alice"}
     assert state.find_agent(f"spiffe://{TD}/agents/alice").name == "alice"

@@ -59,7 +59,9 @@ def full_snapshot() -> rpb.SnapshotUpdate:
         revision=1,
         full=True,
         changes=[
-            rpb.Change(put_blueprint=pb.AgentBlueprint(name="bench", allowed_methods=["/bench.Echo/*"])),
+            rpb.Change(
+                put_blueprint=pb.AgentBlueprint(name="bench", allowed_methods=["/bench.Echo/*"])
+            ),
             put_agent("client"),
             put_agent("server", expires=NOW + timedelta(minutes=10)),
             rpb.Change(
@@ -254,7 +256,9 @@ def test_spans_are_recorded_when_a_processor_is_installed_later() -> None:
         (("traceparent", TRACEPARENT), ("traceparent", TRACEPARENT.replace("4bf9", "1111"))),
     ],
 )
-def test_trace_context_shortcuts_match_the_propagators(headers: tuple[tuple[str, str], ...]) -> None:
+def test_trace_context_shortcuts_match_the_propagators(
+    headers: tuple[tuple[str, str], ...],
+) -> None:
     fast = telemetry.extract_context(headers)
     full = propagate.extract(headers, getter=telemetry._GETTER)
     fast_parent = trace.get_current_span(fast).get_span_context()
@@ -321,9 +325,11 @@ def test_call_span_shortcut_matches_the_sdk(headers: tuple[tuple[str, str], ...]
     ).get_span_context()
     seen = TracerProvider()
     seen.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
-    sdk = seen.get_tracer("t").start_span(
-        "s", kind=trace.SpanKind.SERVER, context=telemetry.extract_context(headers)
-    ).get_span_context()
+    sdk = (
+        seen.get_tracer("t")
+        .start_span("s", kind=trace.SpanKind.SERVER, context=telemetry.extract_context(headers))
+        .get_span_context()
+    )
     assert fast.is_valid and not fast.is_remote
     assert fast.trace_flags == sdk.trace_flags
     assert fast.trace_state == sdk.trace_state

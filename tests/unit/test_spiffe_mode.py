@@ -125,9 +125,7 @@ def test_spire_shaped_svid_keeps_its_intermediate(
     ours: tuple[CertificateAuthority, X509Svid],
 ) -> None:
     root, svid = ours
-    got, got_bundles = credentials_from(
-        wire_svid(svid), wire_bundles({"example.org": [root.cert]})
-    )
+    got, got_bundles = credentials_from(wire_svid(svid), wire_bundles({"example.org": [root.cert]}))
     assert got.spiffe_id == sid(ALICE)
     assert got.chain_der() == svid.chain_der()  # leaf, then SPIRE's intermediate
     assert len(got.cert_chain) == 2
@@ -334,10 +332,18 @@ async def test_missing_socket_is_retried_with_a_clear_message(
 
 @pytest.fixture
 def _no_spiffe_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in ("SPIFFE_ENDPOINT_SOCKET", "TRUSTMESH_CREDENTIALS", "TRUSTMESH_FEDERATED_BUNDLES",
-                 "TRUSTMESH_SPIFFE_ID", "TRUSTMESH_REGISTRY", "TRUSTMESH_APP",
-                 "TRUSTMESH_DATA_DIR", "TRUSTMESH_JOIN_TOKEN", "TRUSTMESH_TRUST_BUNDLE",
-                 "TRUSTMESH_CA_FINGERPRINT"):
+    for name in (
+        "SPIFFE_ENDPOINT_SOCKET",
+        "TRUSTMESH_CREDENTIALS",
+        "TRUSTMESH_FEDERATED_BUNDLES",
+        "TRUSTMESH_SPIFFE_ID",
+        "TRUSTMESH_REGISTRY",
+        "TRUSTMESH_APP",
+        "TRUSTMESH_DATA_DIR",
+        "TRUSTMESH_JOIN_TOKEN",
+        "TRUSTMESH_TRUST_BUNDLE",
+        "TRUSTMESH_CA_FINGERPRINT",
+    ):
         monkeypatch.delenv(name, raising=False)
     audit = logging.getLogger("trustmesh.audit")  # main() configures it for `sidecar`
     saved = (list(audit.handlers), audit.propagate, audit.level)
@@ -354,36 +360,73 @@ RUN = ["sidecar", "run", "--registry", "r:8443", "--app", "127.0.0.1:1", "--data
     ("env", "argv", "message"),
     [
         (None, ["sidecar", "run"], "sidecar run needs --spiffe-id, --registry, --app, --data-dir"),
-        ("unix:///run/spire/agent.sock", ["sidecar", "run"],
-         "sidecar run needs --registry, --app, --data-dir"),
-        ("unix:///run/spire/agent.sock", ["sidecar", "run", "--join-token", "t"],
-         "sidecar run needs --spiffe-id, --registry, --app, --data-dir"),
-        (None, [*RUN, "--credentials", "spiffe"],
-         "--credentials spiffe needs the Workload API socket: set SPIFFE_ENDPOINT_SOCKET or "
-         "pass --spiffe-endpoint-socket unix:///run/spire/agent.sock"),
-        ("unix:///run/spire/agent.sock", [*RUN, "--credentials", "spiffe", "--join-token", "t",
-                                          "--ca-fingerprint", "sha256:00"],
-         "--join-token, --ca-fingerprint: embedded-CA flags, but this sidecar takes its SVID "
-         "from the SPIFFE Workload API; drop them, or pass --credentials ca"),
-        (None, [*RUN, "--credentials", "banana"],
-         "--credentials 'banana': use ca (the embedded CA) or spiffe (SPIRE)"),
-        ("/run/spire/agent.sock", RUN,
-         "SPIFFE endpoint socket '/run/spire/agent.sock' has no scheme: "
-         "write unix:///run/spire/agent.sock"),
-        ("unix:///run/spire/agent.sock", [*RUN, "--federated-bundle", "partner.example"],
-         "--federated-bundle 'partner.example': expected TRUST_DOMAIN=PATH"),
-        ("unix:///run/spire/agent.sock",
-         [*RUN, "--federated-bundle", "partner.example={tmp}/missing.pem"],
-         "cannot read {tmp}/missing.pem: No such file or directory"),
-        (None, ["registry", "serve", "--data-dir", "{tmp}", "--credentials", "spiffe"],
-         "--credentials spiffe needs the Workload API socket"),
-        (None, ["registry", "serve", "--data-dir", "{tmp}", "--federated-bundle", "x=y=z"],
-         "cannot read y=z"),
+        (
+            "unix:///run/spire/agent.sock",
+            ["sidecar", "run"],
+            "sidecar run needs --registry, --app, --data-dir",
+        ),
+        (
+            "unix:///run/spire/agent.sock",
+            ["sidecar", "run", "--join-token", "t"],
+            "sidecar run needs --spiffe-id, --registry, --app, --data-dir",
+        ),
+        (
+            None,
+            [*RUN, "--credentials", "spiffe"],
+            "--credentials spiffe needs the Workload API socket: set SPIFFE_ENDPOINT_SOCKET or "
+            "pass --spiffe-endpoint-socket unix:///run/spire/agent.sock",
+        ),
+        (
+            "unix:///run/spire/agent.sock",
+            [*RUN, "--credentials", "spiffe", "--join-token", "t", "--ca-fingerprint", "sha256:00"],
+            "--join-token, --ca-fingerprint: embedded-CA flags, but this sidecar takes its SVID "
+            "from the SPIFFE Workload API; drop them, or pass --credentials ca",
+        ),
+        (
+            None,
+            [*RUN, "--credentials", "banana"],
+            "--credentials 'banana': use ca (the embedded CA) or spiffe (SPIRE)",
+        ),
+        (
+            "/run/spire/agent.sock",
+            RUN,
+            "SPIFFE endpoint socket '/run/spire/agent.sock' has no scheme: "
+            "write unix:///run/spire/agent.sock",
+        ),
+        (
+            "unix:///run/spire/agent.sock",
+            [*RUN, "--federated-bundle", "partner.example"],
+            "--federated-bundle 'partner.example': expected TRUST_DOMAIN=PATH",
+        ),
+        (
+            "unix:///run/spire/agent.sock",
+            [*RUN, "--federated-bundle", "partner.example={tmp}/missing.pem"],
+            "cannot read {tmp}/missing.pem: No such file or directory",
+        ),
+        (
+            None,
+            ["registry", "serve", "--data-dir", "{tmp}", "--credentials", "spiffe"],
+            "--credentials spiffe needs the Workload API socket",
+        ),
+        (
+            None,
+            ["registry", "serve", "--data-dir", "{tmp}", "--federated-bundle", "x=y=z"],
+            "cannot read y=z",
+        ),
     ],
-    ids=["ca-needs-id", "socket-alone-selects-spiffe", "ca-flag-keeps-ca-mode",
-         "spiffe-without-socket", "spiffe-with-ca-flags", "unknown-mode", "socket-without-scheme",
-         "federated-without-path", "federated-file-missing", "registry-spiffe-without-socket",
-         "registry-federated-bad-path"],
+    ids=[
+        "ca-needs-id",
+        "socket-alone-selects-spiffe",
+        "ca-flag-keeps-ca-mode",
+        "spiffe-without-socket",
+        "spiffe-with-ca-flags",
+        "unknown-mode",
+        "socket-without-scheme",
+        "federated-without-path",
+        "federated-file-missing",
+        "registry-spiffe-without-socket",
+        "registry-federated-bad-path",
+    ],
 )
 def test_spiffe_flags_fail_with_one_clear_line(
     env: str | None,

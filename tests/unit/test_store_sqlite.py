@@ -79,8 +79,7 @@ def _bad_json(store: SqliteStore) -> None:
 
 def _bad_delete(store: SqliteStore) -> None:
     # the puts are executed, then the malformed delete key fails inside the transaction
-    store.write_resources([(("Agent", "a"), DOC), (("Agent", "b"), DOC)],
-                          [("AgentBlueprint",)])  # type: ignore[list-item]
+    store.write_resources([(("Agent", "a"), DOC), (("Agent", "b"), DOC)], [("AgentBlueprint",)])  # type: ignore[list-item]
 
 
 @pytest.mark.parametrize(
@@ -88,9 +87,9 @@ def _bad_delete(store: SqliteStore) -> None:
     [(_bad_json, TypeError), (_bad_delete, sqlite3.ProgrammingError)],
     ids=["unserialisable-document", "failure-after-the-puts"],
 )
-def test_write_resources_is_all_or_nothing(store: SqliteStore, path: Path,
-                                           fail: Callable[[SqliteStore], None],
-                                           error: type[Exception]) -> None:
+def test_write_resources_is_all_or_nothing(
+    store: SqliteStore, path: Path, fail: Callable[[SqliteStore], None], error: type[Exception]
+) -> None:
     store.write_resources([(("AgentBlueprint", "keep"), DOC)], [])
     with pytest.raises(error):
         fail(store)
@@ -134,8 +133,9 @@ def test_state_persists_across_reopen(store: SqliteStore, path: Path) -> None:
     ],
     ids=["once", "three-uses", "expires-now", "last-second", "expired"],
 )
-def test_consume_join_token(store: SqliteStore, uses: int, expires_at: int, now: int,
-                            expected: list[str | None]) -> None:
+def test_consume_join_token(
+    store: SqliteStore, uses: int, expires_at: int, now: int, expected: list[str | None]
+) -> None:
     store.add_join_token("h", ID, uses, expires_at)
     assert [store.consume_join_token("h", now) for _ in expected] == expected
 
@@ -183,8 +183,9 @@ def _race(consume: Callable[[int], str | None], threads: int = 8) -> tuple[int, 
 
 
 @pytest.mark.parametrize("uses", [1, 3])
-def test_concurrent_consumption_across_connections(store: SqliteStore, path: Path,
-                                                   uses: int) -> None:
+def test_concurrent_consumption_across_connections(
+    store: SqliteStore, path: Path, uses: int
+) -> None:
     """Eight connections (as eight registry processes would have) race for one token."""
     store.add_join_token("h", ID, uses, NOW + 60)
     stores = [SqliteStore(path) for _ in range(8)]

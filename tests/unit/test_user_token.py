@@ -34,7 +34,11 @@ EC_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
 def _jwk(key: Any, kid: str) -> dict[str, Any]:
-    algo = jwt.algorithms.RSAAlgorithm if isinstance(key, rsa.RSAPublicKey) else jwt.algorithms.ECAlgorithm
+    algo = (
+        jwt.algorithms.RSAAlgorithm
+        if isinstance(key, rsa.RSAPublicKey)
+        else jwt.algorithms.ECAlgorithm
+    )
     return {**json.loads(algo.to_jwk(key)), "kid": kid}
 
 
@@ -56,9 +60,7 @@ def verifier(**cfg: Any) -> UserTokenVerifier:
 
 def test_claims_are_recorded_as_text_values() -> None:
     v = verifier(claims=("groups", "admin", "level", "missing"))
-    origin = v.verify(
-        token({"groups": ["a", "b"], "admin": True, "level": 3}, kid="e"), now=NOW
-    )
+    origin = v.verify(token({"groups": ["a", "b"], "admin": True, "level": 3}, kid="e"), now=NOW)
     assert (origin.issuer, origin.subject) == (IDP, "alice")
     assert origin.claims == (("admin", ("true",)), ("groups", ("a", "b")), ("level", ("3",)))
     assert origin.claim("groups") == ("a", "b") and origin.claim("missing") == ()

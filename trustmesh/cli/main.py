@@ -153,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("--advertise", "TRUSTMESH_ADVERTISE", "", "the inbound address peers dial"),
         ("--admin", "TRUSTMESH_ADMIN", "127.0.0.1:15000", "health and the local API"),
         ("--data-dir", "TRUSTMESH_DATA_DIR", None, "where the SVID is kept (0700)"),
-        ("--oidc-issuers", "TRUSTMESH_OIDC_ISSUERS", None, "YAML file of trusted user-token issuers"),
+        (
+            "--oidc-issuers",
+            "TRUSTMESH_OIDC_ISSUERS",
+            None,
+            "YAML file of trusted user-token issuers",
+        ),
         ("--engine", "TRUSTMESH_ENGINE", "h2", "forwarding engine: h2 or grpc (ADR 0009)"),
     ]:
         value = _env(env, default)
@@ -225,8 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # the one boundary: no traceback unless asked for
         if args.verbose:
             raise
-        print(f"trustmesh: internal error: {type(e).__name__}: {e} (run with --verbose for details)",
-              file=sys.stderr)
+        print(
+            f"trustmesh: internal error: {type(e).__name__}: {e} (run with --verbose for details)",
+            file=sys.stderr,
+        )
         return 1
 
 

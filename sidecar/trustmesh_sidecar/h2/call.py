@@ -280,9 +280,14 @@ class Call:
             self._send_up(b"", True)
             return
         if size > self.max_header_bytes:
-            self.fail(Code.RESOURCE_EXHAUSTED, format_details(
-                "limit_exceeded", f"response header list of {size} bytes exceeds the limit of "
-                f"{self.max_header_bytes}"))
+            self.fail(
+                Code.RESOURCE_EXHAUSTED,
+                format_details(
+                    "limit_exceeded",
+                    f"response header list of {size} bytes exceeds the limit of "
+                    f"{self.max_header_bytes}",
+                ),
+            )
             return
         try:
             resp = wire.parse_response(headers, trailers=self.headers_in)
@@ -293,8 +298,10 @@ class Call:
             self.headers_in = True
             self._replay = None  # the upstream has answered: no retry from here on
             if resp.status != 200:
-                self.fail(wire.status_of_http(resp.status or 0),
-                          _details(f"upstream answered HTTP {resp.status}"))
+                self.fail(
+                    wire.status_of_http(resp.status or 0),
+                    _details(f"upstream answered HTTP {resp.status}"),
+                )
                 return
             if not end:
                 observer = self.fwd.observer
@@ -349,8 +356,11 @@ class Call:
         self._end(code, details)
 
     def _unreachable(self, why: str) -> None:
-        code, details = Code.UNAVAILABLE, format_details(
-            "upstream_unavailable", f"cannot reach {self.fwd.upstream.address}: {why}"
+        code, details = (
+            Code.UNAVAILABLE,
+            format_details(
+                "upstream_unavailable", f"cannot reach {self.fwd.upstream.address}: {why}"
+            ),
         )
         if self.fwd.explain_unavailable is not None:
             code, details = self.fwd.explain_unavailable() or (code, details)
@@ -416,4 +426,3 @@ def _too_large(what: str, size: int, call: Call) -> str:
         "limit_exceeded",
         f"{what} message of {size} bytes exceeds the limit of {call.request_meter.limit}",
     )
-

@@ -235,10 +235,14 @@ class H2Engine:
     ) -> None:
         cfg = self.config
         if size > cfg.max_header_list_bytes:
-            reject(stream, Code.RESOURCE_EXHAUSTED, format_details(
-                "limit_exceeded",
-                f"header list of {size} bytes exceeds the limit of {cfg.max_header_list_bytes}",
-            ))
+            reject(
+                stream,
+                Code.RESOURCE_EXHAUSTED,
+                format_details(
+                    "limit_exceeded",
+                    f"header list of {size} bytes exceeds the limit of {cfg.max_header_list_bytes}",
+                ),
+            )
             return
         try:
             req = wire.parse_request(raw)

@@ -253,7 +253,9 @@ class FrameDecoder:
             sid &= MAX_STREAM_ID
             if ftype == DATA and not self._block_stream and sid and not flags & FLAG_PADDED:
                 # The common case, inline: no padding, not inside a header block.
-                events.append(DataFrame(sid, data[start:pos], bool(flags & FLAG_END_STREAM), length))
+                events.append(
+                    DataFrame(sid, data[start:pos], bool(flags & FLAG_END_STREAM), length)
+                )
                 continue
             event = self._frame(ftype, flags, sid, data[start:pos])
             if event is not None:

@@ -207,7 +207,9 @@ class HeaderEncoder:
         """The peer's SETTINGS_HEADER_TABLE_SIZE; we never use more than 4096."""
         self._enc.header_table_size = min(size, 4096)
 
-    def encode(self, headers: Iterable[tuple[bytes, bytes]] | Sequence[tuple[bytes, bytes]]) -> bytes:
+    def encode(
+        self, headers: Iterable[tuple[bytes, bytes]] | Sequence[tuple[bytes, bytes]]
+    ) -> bytes:
         enc, table, cache = self._enc, self._table, self._fields
         out: list[bytes] = []
         if table.resized:

@@ -37,7 +37,6 @@ class Bucket:
         return self.level >= 0
 
 
-
 class FrameReceiver:
     """Frame handlers over the state that `H2Connection.__init__` sets up."""
 
