@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from trustmesh.decision import Decision, Reason
 from trustmesh.errors import InvalidSpiffeIdError
 from trustmesh.limits import DEFAULT_LIMITS
-from trustmesh.resources import AccessPolicy, AgentView, is_grpc_method
+from trustmesh.resources import AgentView, is_grpc_method
 from trustmesh.snapshot import Snapshot
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.v1 import resources_pb2 as pb
@@ -137,11 +137,6 @@ def _require_aware(now: datetime) -> None:
         raise ValueError("now must be a datetime with a timezone")
 
 
-def _policy_allows(policy: AccessPolicy, caller: AgentView, callee: AgentView, method: str) -> bool:
-    """One policy's full check (selectors re-verified, then methods)."""
-    return policy.allows(caller, callee, method)
-
-
 def _snapshot_decision(
     caller: AgentView, callee: AgentView, method: str, snapshot: Snapshot
 ) -> Decision:
@@ -166,8 +161,10 @@ def _snapshot_decision(
             f"{method} is not in the allowedMethods of callee's blueprint "
             f"{blueprint.name!r}: {call}",
         )
+    # The candidates' selectors match by construction of the indexes (a property test
+    # holds them to a scan of every policy), so only their methods are left to check.
     for policy in snapshot.candidate_policies(caller, callee):
-        if _policy_allows(policy, caller, callee, method):
+        if policy.allows_method(method):
             return Decision.allow(policy.name, f"AccessPolicy {policy.name!r} allows {call}")
     return Decision.deny(Reason.NO_MATCHING_POLICY, f"no AccessPolicy allows {call}")
 
@@ -190,7 +187,8 @@ def authorize(
         return denied
     assert caller_view is not None and callee_view is not None  # both active
     cache = decision_cache(snapshot)
-    key = (caller, callee, method)
+    # The views' interned ID texts: C-level hashing, comparisons by identity.
+    key = (caller_view.spiffe_id.text, callee_view.spiffe_id.text, method)
     generation = snapshot.generation
     decision = cache.get(generation, key)
     if decision is None:

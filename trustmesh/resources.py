@@ -350,8 +350,11 @@ class AccessPolicy:
         return (
             any(s.matches(caller) for s in self.callers)
             and any(s.matches(callee) for s in self.callees)
-            and any(p.matches(method) for p in self.methods)
+            and self.allows_method(method)
         )
+
+    def allows_method(self, method: str) -> bool:
+        return any(p.matches(method) for p in self.methods)
 
 
 # The kinds defined in this module. `trustmesh.manifest.AnyResource` adds

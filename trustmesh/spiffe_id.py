@@ -8,6 +8,7 @@ that quote the input.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from spiffe import SpiffeId as _PySpiffeId
@@ -49,11 +50,14 @@ class SpiffeId:
 
     trust_domain: TrustDomain
     path: str
-    # IDs are dict keys on every call (policy indexes, caches): hash once.
-    _hash: int = field(init=False, repr=False, compare=False)
+    # The `spiffe://...` form, built once and interned: the snapshot's indexes and the
+    # decision caches key on it, so a lookup is a C-level string probe that usually
+    # matches by identity instead of a call to `__eq__`.
+    text: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.trust_domain.name, self.path)))
+        text = sys.intern(f"spiffe://{self.trust_domain.name}{self.path}")
+        object.__setattr__(self, "text", text)
 
     @classmethod
     def parse(cls, text: str) -> SpiffeId:
@@ -79,17 +83,17 @@ class SpiffeId:
         return self.path == p or self.path.startswith(p + "/")
 
     def __str__(self) -> str:
-        return f"spiffe://{self.trust_domain.name}{self.path}"
+        return self.text
 
     def __eq__(self, other: object) -> bool:
-        if self is other:  # parsed IDs are memoized, so this is the usual case
+        if self is other:
             return True
         if isinstance(other, SpiffeId):
-            return self.trust_domain == other.trust_domain and self.path == other.path
+            return self.text == other.text  # equal texts <=> equal trust domain and path
         return NotImplemented
 
     def __hash__(self) -> int:
-        return self._hash
+        return hash(self.text)
 
     def __reduce__(self) -> tuple[type[SpiffeId], tuple[TrustDomain, str]]:
         # String hashes differ between processes: a copy hashes itself afresh.

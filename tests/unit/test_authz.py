@@ -6,11 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-import trustmesh.authz as authz_module
 from trustmesh.authz import DecisionCache, Target, authorize, decision_cache, resolve_target
 from trustmesh.decision import Decision, Reason
 from trustmesh.errors import Code
-from trustmesh.resources import AccessPolicy, AgentView
+from trustmesh.resources import AccessPolicy
 from trustmesh.snapshot import Snapshot
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.v1 import registry_pb2 as rpb
@@ -397,13 +396,13 @@ def test_authorize_cost_does_not_depend_on_registry_size(
     snap = _mesh(n)
     assert snap.counts()["agents"] == n
     evaluated: list[str] = []
-    real = authz_module._policy_allows
+    real = AccessPolicy.allows_method
 
-    def counting(p: AccessPolicy, caller: AgentView, callee: AgentView, method: str) -> bool:
+    def counting(p: AccessPolicy, method: str) -> bool:
         evaluated.append(p.name)
-        return real(p, caller, callee, method)
+        return real(p, method)
 
-    monkeypatch.setattr(authz_module, "_policy_allows", counting)
+    monkeypatch.setattr(AccessPolicy, "allows_method", counting)
 
     call = authorize(sid("a5"), sid("a6"), "/demo.S/Call", snap, now=NOW)
     assert (call.allowed, call.policy) == (True, "p5")

@@ -319,11 +319,11 @@ def test_a_one_record_delta_costs_o_of_the_change(monkeypatch: pytest.MonkeyPatc
     real_from_pb = agent_from_pb
     real_add = snapshot_module._SelectorIndex.add
 
-    def counting_from_pb(msg: pb.Agent) -> AgentView:
+    def counting_from_pb(msg: pb.Agent, pool: object = None) -> AgentView:
         decoded.calls += 1
-        return real_from_pb(msg)
+        return real_from_pb(msg, pool)  # type: ignore[arg-type]
 
-    def counting_add(self: object, policy: str, selectors: object) -> None:
+    def counting_add(self: object, policy: object, selectors: object) -> None:
         indexed.calls += 1
         real_add(self, policy, selectors)  # type: ignore[arg-type]
 
