@@ -33,7 +33,7 @@ TD = "demo.local"
 async def measure(
     *, watchers: int, revocations: int, workdir: Path, procs: int = 2
 ) -> dict[str, Any]:
-    mesh = LocalMesh(workdir / "mesh")
+    mesh = LocalMesh(workdir / "mesh", log_dir=workdir / "logs")
     children: list[Child] = []
     try:
         await mesh.start_registry()

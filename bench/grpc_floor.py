@@ -166,7 +166,8 @@ async def _floor(
 
 
 async def _mesh(root: Path, app: str, engine: str) -> tuple[LocalMesh, str, list[int]]:
-    mesh = LocalMesh(root, extra_env={"OTEL_TRACES_EXPORTER": "none", "TRUSTMESH_ENGINE": engine})
+    env = {"OTEL_TRACES_EXPORTER": "none", "TRUSTMESH_ENGINE": engine}
+    mesh = LocalMesh(root, extra_env=env, log_dir=root / "logs")
     await mesh.start_registry()
     await mesh.apply(mesh_docs())
     client = await mesh.start_sidecar("client", "127.0.0.1:9")

@@ -66,7 +66,7 @@ async def _mesh(
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(site), *code, os.environ.get("PYTHONPATH")])
     )
-    mesh = LocalMesh(root, extra_env=env)
+    mesh = LocalMesh(root, extra_env=env, log_dir=root / "logs")
     await mesh.start_registry()
     await mesh.apply(mesh_docs())
     client = await mesh.start_sidecar("client", "127.0.0.1:9")

@@ -64,7 +64,7 @@ class BenchMesh:
         self.peers = peers
         # Extra environment for every sidecar (e.g. to pick an engine); LocalMesh
         # applies it last.
-        self.mesh = LocalMesh(root / "mesh", extra_env=sidecar_env)
+        self.mesh = LocalMesh(root / "mesh", extra_env=sidecar_env, log_dir=root / "logs")
         self.app: Child | None = None
         self.loadgen: Child | None = None
         self.app_address = ""

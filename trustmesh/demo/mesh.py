@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -61,8 +61,14 @@ class LocalMesh:
         otlp_endpoint: str | None = None,
         svid_ttl_s: int = 3600,
         extra_env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
     ) -> None:
+        """`log_dir`: write each sidecar's stderr (its logs and audit trail) to
+        `<log_dir>/<name>.log` instead of reading it through a pipe into this process,
+        as a deployment's log collector would; benchmarks use it so the process that
+        times the calls does not also consume an audit line per call."""
         self.root = root
+        self.log_dir = log_dir
         self.td = TrustDomain.parse(trust_domain)
         self.otlp_endpoint = otlp_endpoint
         self.svid_ttl_s = svid_ttl_s
@@ -157,16 +163,27 @@ class LocalMesh:
             env["OTEL_TRACES_EXPORTER"] = "none"
         env.update(self.extra_env)
         env.update(env_extra or {})
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "trustmesh",
-            "sidecar",
-            "run",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-        )
+        stderr: int | IO[bytes] = asyncio.subprocess.STDOUT
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(
+                self.log_dir / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+            )
+            stderr = os.fdopen(fd, "ab")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "trustmesh",
+                "sidecar",
+                "run",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+            )
+        finally:
+            if not isinstance(stderr, int):
+                stderr.close()  # the child holds its own copy
         sc = SidecarProcess(name, sid, proc)
         self.sidecars[name] = sc
         await self._await_ready_line(sc, ready_timeout)
@@ -179,10 +196,10 @@ class LocalMesh:
         while True:
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
-                raise TimeoutError(f"sidecar {sc.name} did not start:\n" + "\n".join(sc.output))
+                raise TimeoutError(f"sidecar {sc.name} did not start:\n" + self._said(sc))
             line = await asyncio.wait_for(sc.process.stdout.readline(), left)
             if not line:
-                raise RuntimeError(f"sidecar {sc.name} exited:\n" + "\n".join(sc.output))
+                raise RuntimeError(f"sidecar {sc.name} exited:\n" + self._said(sc))
             text = line.decode(errors="replace").rstrip()
             sc.output.append(text)
             if text.startswith("sidecar ") and "outbound=" in text:
@@ -194,6 +211,15 @@ class LocalMesh:
                 )
                 asyncio.get_running_loop().create_task(self._drain(sc))
                 return
+
+    def _said(self, sc: SidecarProcess) -> str:
+        """What a sidecar printed, for an error: its output, and its log file's end."""
+        text = "\n".join(sc.output)
+        if self.log_dir is not None:
+            with contextlib.suppress(OSError):
+                log = (self.log_dir / f"{sc.name}.log").read_text(errors="replace")
+                text += "\n" + "\n".join(log.splitlines()[-50:])
+        return text
 
     @staticmethod
     async def _drain(sc: SidecarProcess) -> None:
