@@ -13,6 +13,7 @@ import json
 import logging
 from time import time
 
+from trustmesh.audit_log import direct_handler
 from trustmesh.decision import Decision
 
 __all__ = ["Audit"]
@@ -90,6 +91,12 @@ class Audit:
 
     def flush(self) -> None:
         entries, self._entries = self._entries, []
+        if not entries:
+            return
+        handler = direct_handler(audit)
+        if handler is not None:  # the CLI's set-up: one write for the batch
+            handler.write_lines((e[0], _audit_line(*e[1:])) for e in entries)
+            return
         for entry in entries:
             _write_audit(entry)
 

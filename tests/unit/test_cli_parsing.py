@@ -212,7 +212,7 @@ def test_apply_reports_the_file_and_field(
     ids=["millis", "whole-second", "next-second", "epoch"],
 )
 def test_audit_lines_are_dated_in_utc_to_the_millisecond(created: float, want: str) -> None:
-    from trustmesh.cli.main import AuditFormatter
+    from trustmesh.audit_log import AuditFormatter
 
     formatter = AuditFormatter()
     record = logging.LogRecord("trustmesh.audit", logging.INFO, __file__, 0, "{}", (), None)

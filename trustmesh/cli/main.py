@@ -11,9 +11,9 @@ import argparse
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 
+from trustmesh.audit_log import AuditStreamHandler
 from trustmesh.errors import MeshError
 
 __all__ = ["build_parser", "entrypoint", "main"]
@@ -179,23 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class AuditFormatter(logging.Formatter):
-    """`2026-11-29T22:30:00.123Z audit {json}`: UTC, RFC 3339, to the millisecond. The
-    date part is formatted once per second (a line is written per decision)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._second = -1
-        self._date = ""
-
-    def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        return f"{self._date}.{int(record.msecs):03d}Z audit {record.getMessage()}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -208,9 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         audit = logging.getLogger("trustmesh.audit")
         audit.setLevel(logging.INFO)
         if not audit.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(AuditFormatter())
-            audit.addHandler(handler)
+            audit.addHandler(AuditStreamHandler(sys.stderr))
         audit.propagate = False
     try:
         if args.command in ("webhook", "reconcile"):
