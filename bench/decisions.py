@@ -24,7 +24,10 @@ denied (no policy), every one with caller and callee drawn across the whole regi
 * cold, cache full: as cold, at the largest size, after the bounded decision cache
   (`Limits.decision_cache` entries) has filled, so every miss also evicts.
 
-Sizes are interleaved within each round. The heap left by building the snapshots is
+Sizes are interleaved within each round. `python -m bench` runs this measure in a
+child process of its own (`python -m bench.decisions PARAMS_JSON`), so that what
+earlier measures left in the orchestrator (its heap, grpc's threads) does not weigh
+on it. The heap left by building the snapshots is
 frozen (`gc.freeze()`) so that a collection of the 100k snapshot does not land in
 the 10-agent loop; figures are medians over rounds of µs per call.
 """
@@ -252,3 +255,18 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['churn_calls']:,} misses, each evicting): {r['cold_full_cache_us']:.2f} µs per call."
     )
     return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """`python -m bench.decisions '{"sizes": [10, 1000], "rounds": 3, ...}'`: the
+    keyword arguments of `measure` as JSON; prints the result as JSON."""
+    import json
+    import sys
+
+    params = json.loads(sys.argv[1])
+    params["sizes"] = tuple(params["sizes"])
+    json.dump(measure(**params), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,6 @@ from typing import Any
 from bench import (
     connect,
     control_plane,
-    decisions,
     footprint,
     grpc_floor,
     latency,
@@ -72,7 +71,7 @@ FULL = Params(
     connect_warm=20,
     decision_sizes=(10, 1_000, 10_000, 100_000),
     decision_warm=20_000,
-    decision_cold=2_000,
+    decision_cold=10_000,
     decision_churn=65_536,
     watchers=50,
     revocations=20,
@@ -162,13 +161,33 @@ async def run(
     if "decisions" in only:
 
         async def decide() -> dict[str, Any]:
-            return decisions.measure(
-                sizes=p.decision_sizes,
-                rounds=p.rounds,
-                warm_calls=p.decision_warm,
-                cold_calls=p.decision_cold,
-                churn_calls=p.decision_churn,
+            params = {
+                "sizes": list(p.decision_sizes),
+                "rounds": p.rounds,
+                "warm_calls": p.decision_warm,
+                "cold_calls": p.decision_cold,
+                "churn_calls": p.decision_churn,
+            }
+            # A child process of its own: a clean heap, no grpc threads from earlier measures.
+            child = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bench.decisions",
+                json.dumps(params),
+                cwd=Path(__file__).resolve().parent.parent,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
+            try:
+                out, err = await child.communicate()
+            finally:
+                if child.returncode is None:
+                    child.kill()
+                    await child.wait()
+            if child.returncode != 0:
+                raise RuntimeError(err.decode(errors="replace").strip()[-300:])
+            result: dict[str, Any] = json.loads(out)
+            return result
 
         await _guarded(m, "decisions", decide, p.cap_s, verbose)
     if "revocation" in only:
