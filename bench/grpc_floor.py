@@ -16,6 +16,8 @@ process, rounds interleaved:
 * `floor`: client -> forwarder -> forwarder -> app, plaintext.
 * `floor-tls`: the same with mutual TLS (grpc's own SSL credentials) between the two
   forwarders, as between two sidecars.
+* `relay-tls`: the floor of any Python proxy pair, grpc or not: two asyncio byte
+  relays with mutual TLS between them, parsing nothing (`bench/relay.py`).
 * `mesh-grpc`, `mesh-h2`: client -> sidecar -> mTLS -> sidecar -> app with each engine
   (real registry, SVIDs, policy, spans created but not exported).
 
@@ -45,6 +47,7 @@ from cryptography.x509.oid import NameOID
 
 from bench.common import machine, rotate
 from bench.inproc import cpu_seconds, echo_server, mesh_docs, pct, sequential, throughput
+from bench.relay import relay
 from trustmesh.demo.mesh import LocalMesh
 
 HOST = "floor.test"  # the DNS name in the forwarders' certificates (grpc checks it)
@@ -140,9 +143,9 @@ def _cpu_ms(pid: int) -> float:
 
 
 async def _start_forwarder(
-    upstream: str, tls_dir: Path | None, role: str
+    upstream: str, tls_dir: Path | None, role: str, kind: str
 ) -> tuple[asyncio.subprocess.Process, str]:
-    args = [sys.executable, "-m", "bench.grpc_floor", "--forward", upstream, "--role", role]
+    args = [sys.executable, "-m", "bench.grpc_floor", f"--{kind}", upstream, "--role", role]
     if tls_dir is not None:
         args += ["--tls-dir", str(tls_dir)]
     proc = await asyncio.create_subprocess_exec(
@@ -156,11 +159,11 @@ async def _start_forwarder(
 
 
 async def _floor(
-    app: str, tls_dir: Path | None, procs: list[asyncio.subprocess.Process]
+    app: str, tls_dir: Path | None, procs: list[asyncio.subprocess.Process], kind: str = "forward"
 ) -> tuple[str, list[int]]:
-    inner, inner_addr = await _start_forwarder(app, tls_dir, "inner")
+    inner, inner_addr = await _start_forwarder(app, tls_dir, "inner", kind)
     procs.append(inner)
-    outer, outer_addr = await _start_forwarder(inner_addr, tls_dir, "outer")
+    outer, outer_addr = await _start_forwarder(inner_addr, tls_dir, "outer", kind)
     procs.append(outer)
     return outer_addr, [outer.pid, inner.pid]
 
@@ -191,6 +194,8 @@ async def run(rounds: int, calls: int, tput_calls: int, inflight: int) -> dict[s
             targets["floor"] = (addr, [], pids)
             addr, pids = await _floor(app, tls_dir, procs)
             targets["floor-tls"] = (addr, [], pids)
+            addr, pids = await _floor(app, tls_dir, procs, "relay")
+            targets["relay-tls"] = (addr, [], pids)
             for engine in ("grpc", "h2"):
                 mesh, outbound, pids = await _mesh(Path(tmp) / engine, app, engine)
                 meshes.append(mesh)
@@ -276,11 +281,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 round of 30 + 200 calls")
     parser.add_argument("--out", default="", help="directory for grpc_floor.{json,md}")
     parser.add_argument("--forward", metavar="UPSTREAM", help=argparse.SUPPRESS)
+    parser.add_argument("--relay", metavar="UPSTREAM", help=argparse.SUPPRESS)
     parser.add_argument("--role", choices=("outer", "inner"), help=argparse.SUPPRESS)
     parser.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.forward:
         asyncio.run(forwarder("127.0.0.1:0", args.forward, args.tls_dir, args.role))
+        return
+    if args.relay:
+        asyncio.run(relay("127.0.0.1:0", args.relay, args.tls_dir, args.role))
         return
     rounds, calls, tput = (1, 30, 200) if args.quick else (
         args.rounds, args.calls, args.throughput_calls)  # fmt: skip
