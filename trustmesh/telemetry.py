@@ -26,7 +26,6 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
-from opentelemetry.sdk.trace.sampling import DEFAULT_ON
 from opentelemetry.sdk.trace.sampling import Decision as SamplingDecision
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -40,6 +39,7 @@ __all__ = [
     "split_method",
     "start_call_span",
     "start_span",
+    "trace_id_of",
 ]
 
 
@@ -136,7 +136,11 @@ def extract_context(headers: Headers) -> Context:
 def inject_context(
     headers: Iterable[tuple[str, str | bytes]], span: trace.Span
 ) -> list[tuple[str, str | bytes]]:
-    """Headers with any incoming trace context replaced by `span`'s."""
+    """Headers with any incoming trace context replaced by `span`'s; for a span that
+    takes no part in the trace (an invalid one, see `start_call_span`), the headers
+    as they are."""
+    if not span.get_span_context().is_valid:
+        return list(headers)
     out = [(k, v) for k, v in headers if k not in _TRACE_KEYS]
     if _default_tracecontext() is not None and not baggage.get_all():
         # Default propagators and no baggage: what TraceContextTextMapPropagator.inject
@@ -235,29 +239,8 @@ def _unseen_span(
     return trace.NonRecordingSpan(span_context)
 
 
-# A version-00 traceparent in its plain form; anything else takes the propagator's path.
+# A version-00 traceparent in its plain form (`trace_id_of` reads only this form).
 _PLAIN_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_NOT_PLAIN = (0, 0)  # (a trace ID of 0 is never valid)
-
-
-def _plain_parent(headers: Headers) -> tuple[int, int] | None:
-    """(trace ID, flags) of a call's only trace header, a plain valid traceparent;
-    None when the call has no trace header; `_NOT_PLAIN` for anything else."""
-    found: str | bytes | None = None
-    for key, value in headers:
-        if key in _PROPAGATION_FIELDS:
-            if key != "traceparent" or found is not None:
-                return _NOT_PLAIN
-            found = value
-    if found is None:
-        return None
-    match = _PLAIN_TRACEPARENT.fullmatch(found) if isinstance(found, str) else None
-    if match is None:
-        return _NOT_PLAIN
-    trace_id, span_id = int(match.group(1), 16), int(match.group(2), 16)
-    if trace_id == 0 or span_id == 0:
-        return _NOT_PLAIN
-    return trace_id, int(match.group(3), 16)
 
 
 def start_call_span(
@@ -271,37 +254,15 @@ def start_call_span(
 ) -> trace.Span:
     """A call's span, child of the trace context in the call's `headers`.
 
-    As `start_span(..., context=extract_context(headers))`. When no one sees the span
-    and the SDK defaults are in place (ParentBased(ALWAYS_ON) sampler, tracecontext +
-    baggage propagators) and the call carries at most a plain traceparent, the span's
-    context is computed directly: the parent's trace ID and sampled flag (a new trace,
-    sampled, without a parent), and a new span ID.
+    When nothing can see this process's spans (`span_seen` is False: no span
+    processor, which is what `configure_tracing` installs with nowhere to export to),
+    the sidecar takes no part in the trace: the span is `trace.INVALID_SPAN`, and
+    `inject_context` then passes the call's own trace headers on untouched. The apps'
+    traces stay connected across the mesh (a span ID made here would be the parent of
+    the next app's span, but would never be exported), and a call costs no IDs.
     """
-    if (
-        isinstance(tracer, sdk_trace.Tracer)
-        and tracer.sampler is DEFAULT_ON
-        and not span_seen(tracer)
-        and _default_tracecontext() is not None
-        and getattr(tracer, "_is_enabled", _enabled)()
-    ):
-        parent = _plain_parent(headers)
-        if parent is None or parent[0] != 0:
-            ids = tracer.id_generator
-            if parent is None:
-                trace_id = ids.generate_trace_id()
-                is_random = getattr(ids, "is_trace_id_random", None)
-                random_bit = _RANDOM_TRACE_ID if is_random is not None and is_random() else 0
-                flags = trace.TraceFlags.SAMPLED | random_bit
-            else:
-                trace_id, parent_flags = parent
-                flags = parent_flags & (trace.TraceFlags.SAMPLED | _RANDOM_TRACE_ID)
-            span_context = trace.SpanContext(
-                trace_id,
-                ids.generate_span_id(),
-                is_remote=False,
-                trace_flags=trace.TraceFlags(flags),
-            )
-            return trace.NonRecordingSpan(span_context)
+    if not span_seen(tracer):
+        return trace.INVALID_SPAN
     return start_span(
         tracer,
         name,
@@ -310,6 +271,20 @@ def start_call_span(
         attributes=attributes,
         start_time=start_time,
     )
+
+
+def trace_id_of(span: trace.Span, headers: Headers) -> int:
+    """The call's W3C trace ID: its span's, or for a span that takes no part in the
+    trace (see `start_call_span`), that of the plain version-00 traceparent the call
+    carries; 0 if none."""
+    context = span.get_span_context()
+    if context.is_valid:
+        return context.trace_id
+    for key, value in headers:
+        if key == "traceparent":
+            match = _PLAIN_TRACEPARENT.fullmatch(value) if isinstance(value, str) else None
+            return int(match.group(1), 16) if match is not None else 0
+    return 0
 
 
 def _enabled() -> bool:

@@ -31,6 +31,7 @@ from trustmesh.delegation import (
     verify_chain,
 )
 from trustmesh.spiffe_id import SpiffeId
+from trustmesh.telemetry import trace_id_of
 from trustmesh.user_token import UserTokenError
 from trustmesh_sidecar import headers as hdr
 from trustmesh_sidecar.engine import Headers
@@ -111,7 +112,8 @@ def outbound_chain(
     sign = needs_signed_hop(state.snapshot, callee)
     if incoming is None and user is None and not sign:
         return Outgoing(None, drop_authorization)  # a direct call: mTLS says it all
-    trace_id = span.get_span_context().trace_id.to_bytes(16, "big")
+    found = trace_id_of(span, headers)
+    trace_id = found.to_bytes(16, "big") if found else b""
     try:
         chain = extend_chain(
             incoming,
