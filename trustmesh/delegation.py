@@ -36,10 +36,11 @@ from trustmesh.delegation_format import (
     UserOrigin,
 )
 from trustmesh.delegation_result import CHAIN_HEADER, ORIGIN_HEADER, ChainDecision, VerifiedChain
-from trustmesh.delegation_verify import verify_chain
+from trustmesh.delegation_verify import DIRECT_CALL, verify_chain
 
 __all__ = [
     "CHAIN_HEADER",
+    "DIRECT_CALL",
     "METADATA_KEY",
     "ORIGIN_HEADER",
     "AgentOrigin",

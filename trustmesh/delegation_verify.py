@@ -54,7 +54,7 @@ from trustmesh.resources import AgentView
 from trustmesh.snapshot import Snapshot
 from trustmesh.spiffe_id import SpiffeId
 
-__all__ = ["ChainDecision", "VerifiedChain", "verify_chain"]
+__all__ = ["DIRECT_CALL", "ChainDecision", "VerifiedChain", "verify_chain"]
 
 _NEVER = 2**62
 
@@ -68,6 +68,12 @@ class _Deny(Exception):
 
 def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+# The answer for a call without a chain (immutable, so one for every such call).
+DIRECT_CALL = ChainDecision(
+    Decision.allow("", "no delegation chain: a direct call, AccessPolicy alone decides")
+)
 
 
 def verify_chain(
@@ -88,11 +94,9 @@ def verify_chain(
     No chain (`None`) is a direct call: allowed here, AccessPolicy alone decides.
     Garbage never raises: it is denied with `chain_malformed`.
     """
-    now_ms = to_ms(now)
     if data is None:
-        return ChainDecision(
-            Decision.allow("", "no delegation chain: a direct call, AccessPolicy alone decides")
-        )
+        return DIRECT_CALL
+    now_ms = to_ms(now)
     if not snapshot.ready:
         return ChainDecision(Decision.deny(Reason.NO_SNAPSHOT, "no registry snapshot yet"))
     try:
