@@ -286,7 +286,7 @@ class RegistryService(rgrpc.RegistryServicer):  # type: ignore[misc]
             deltas = state.updates_since(request.epoch, request.revision)
             backlog: list[rpb.SnapshotUpdate | bytes]
             if deltas is None:
-                backlog, sent = state.full_backlog()
+                backlog, sent = await state.full_backlog_async()
             else:
                 backlog, sent = list(deltas), deltas[-1].revision if deltas else request.revision
             if endpoint is not None:

@@ -25,11 +25,18 @@ from trustmesh.resources import AccessPolicy, Agent, AgentBlueprint
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.v1 import registry_pb2 as rpb
 from trustmesh.v1 import resources_pb2 as pb
+from trustmesh_registry.full_snapshot import Records, agent_pb
+from trustmesh_registry.full_snapshot import build as build_full
 from trustmesh_registry.store import OperatorState, Store
 
 __all__ = ["KINDS", "RegistryState", "Watcher"]
 
 log = logging.getLogger(__name__)
+
+
+def _serialized(records: Records) -> tuple[int, list[pb.TrustBundle], bytes]:
+    return records.revision, records.bundles, build_full(records).SerializeToString()
+
 
 Resource = Agent | AgentBlueprint | AccessPolicy | DelegationPolicy
 KINDS = {
@@ -101,6 +108,7 @@ class RegistryState:
         # The last full snapshot served, serialized, with its revision and the bundles
         # it holds (`full_backlog`).
         self._full: tuple[int, list[pb.TrustBundle], bytes] | None = None
+        self._building: asyncio.Future[tuple[int, list[pb.TrustBundle], bytes]] | None = None
         self._watchers: set[Watcher] = set()
         self.blueprints: dict[str, AgentBlueprint] = {}
         self.agents: dict[str, Agent] = {}
@@ -127,21 +135,22 @@ class RegistryState:
 
     # -- reads -------------------------------------------------------------------
 
-    def full_snapshot(self) -> rpb.SnapshotUpdate:
-        changes = [rpb.Change(put_bundle=b) for b in self._bundles()]
-        changes += [
-            rpb.Change(put_blueprint=wire.blueprint_to_pb(b)) for b in self.blueprints.values()
-        ]
-        changes += [rpb.Change(put_agent=self._agent_pb(a)) for a in self.agents.values()]
-        changes += [rpb.Change(put_policy=wire.policy_to_pb(p)) for p in self.policies.values()]
-        changes += [
-            rpb.Change(put_delegation_policy=wire.delegation_policy_to_pb(p))
-            for p in self.delegation_policies.values()
-        ]
-        changes += [rpb.Change(put_endpoint=e) for e in self.endpoints.values()]
-        return rpb.SnapshotUpdate(
-            epoch=self.epoch, revision=self.revision, full=True, changes=changes
+    def records(self) -> Records:
+        """A still copy of what a full snapshot holds now (shallow: records are immutable)."""
+        return Records(
+            epoch=self.epoch,
+            revision=self.revision,
+            bundles=list(self._bundles()),
+            blueprints=dict(self.blueprints),
+            agents=list(self.agents.values()),
+            operator=dict(self.operator),
+            policies=list(self.policies.values()),
+            delegation_policies=list(self.delegation_policies.values()),
+            endpoints=list(self.endpoints.values()),
         )
+
+    def full_snapshot(self) -> rpb.SnapshotUpdate:
+        return build_full(self.records())
 
     def full_backlog(self, max_deltas: int = 256) -> tuple[list[rpb.SnapshotUpdate | bytes], int]:
         """What a watcher that needs a full snapshot is sent, and the revision it brings
@@ -154,16 +163,49 @@ class RegistryState:
         resuming at R would get them. A new one is built when the log no longer
         holds the deltas after R, or when there are more than `max_deltas` of them, or
         when the trust bundles differ from those it holds (with SPIFFE credentials they
-        can change without a revision)."""
-        bundles = list(self._bundles())
-        if self._full is not None:
-            revision, held, data = self._full
+        can change without a revision). Builds here, on the caller's thread; the Watch
+        handler uses `full_backlog_async`."""
+        found = self._shared_backlog(max_deltas)
+        if found is not None:
+            return found
+        records = self.records()
+        self._full = (records.revision, records.bundles, build_full(records).SerializeToString())
+        return [self._full[2]], self.revision
+
+    async def full_backlog_async(
+        self, max_deltas: int = 256
+    ) -> tuple[list[rpb.SnapshotUpdate | bytes], int]:
+        """`full_backlog`, with a new full snapshot built in a worker thread from a still
+        copy of the records (`full_snapshot.Records`), so the event loop keeps serving.
+        Watchers that arrive during a build wait for it instead of starting another."""
+        while True:
+            found = self._shared_backlog(max_deltas)
+            if found is not None:
+                return found
+            if self._building is None or self._building.done():
+                records = self.records()
+                self._building = asyncio.ensure_future(asyncio.to_thread(_serialized, records))
+            building = self._building
+            revision, bundles, data = await asyncio.shield(building)
+            if self._full is None or self._full[0] < revision:
+                self._full = (revision, bundles, data)
+            # The copy it waited for, with every delta since, even more than
+            # `max_deltas` (a burst of writes during the build); built anew only when
+            # the log no longer holds them or the bundles changed meanwhile.
             deltas = self.updates_since(self.epoch, revision)
-            if deltas is not None and len(deltas) <= max_deltas and held == bundles:
+            if deltas is not None and bundles == list(self._bundles()):
                 return [data, *deltas], self.revision
-        data = self.full_snapshot().SerializeToString()
-        self._full = (self.revision, bundles, data)
-        return [data], self.revision
+
+    def _shared_backlog(
+        self, max_deltas: int
+    ) -> tuple[list[rpb.SnapshotUpdate | bytes], int] | None:
+        if self._full is None:
+            return None
+        revision, held, data = self._full
+        deltas = self.updates_since(self.epoch, revision)
+        if deltas is None or len(deltas) > max_deltas or held != list(self._bundles()):
+            return None
+        return [data, *deltas], self.revision
 
     def updates_since(self, epoch: str, revision: int) -> list[rpb.SnapshotUpdate] | None:
         """The deltas after `revision`, or None when only a full snapshot will do."""
@@ -394,10 +436,4 @@ class RegistryState:
                 )
 
     def _agent_pb(self, agent: Agent) -> pb.Agent:
-        op = self.operator.get(agent.name, OperatorState(False))
-        return wire.agent_to_pb(
-            agent,
-            self.blueprints.get(agent.blueprint),
-            disabled=op.disabled,
-            disabled_reason=op.reason,
-        )
+        return agent_pb(agent, self.blueprints, self.operator)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
+import trustmesh_registry.state as state_module
 from trustmesh.errors import ManifestError
 from trustmesh.spiffe_id import SpiffeId
 from trustmesh.v1 import registry_pb2 as rpb
@@ -221,6 +224,65 @@ def test_full_backlog_follows_bundles_that_change_without_a_revision() -> None:
     again, _ = state.full_backlog()
     assert again[0] is not first[0]
     assert _fold(again)[("bundle", TD)] == current[0].SerializeToString()
+
+
+async def test_full_backlog_async_builds_off_the_loop_once_and_catches_up(
+    state: RegistryState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Watchers arriving during a build share it; a write the loop takes meanwhile (it
+    does: the build waits in its thread until the write is in) reaches them as a delta."""
+    state.apply([bp(), ag("alice"), ag("bob")])
+    built_at: list[int] = []
+    started, release = threading.Event(), threading.Event()
+    real = state_module._serialized
+
+    def held_build(records: Any) -> Any:
+        built_at.append(records.revision)
+        started.set()
+        assert release.wait(10)
+        return real(records)
+
+    monkeypatch.setattr(state_module, "_serialized", held_build)
+    first = asyncio.ensure_future(state.full_backlog_async())
+    second = asyncio.ensure_future(state.full_backlog_async())
+    while not started.is_set():
+        await asyncio.sleep(0.001)
+    state.set_agent_state("bob", disabled=True, reason="r")  # the loop is not blocked
+    release.set()
+    (a, sent_a), (b, sent_b) = await asyncio.gather(first, second)
+    assert built_at == [state.revision - 1]  # one build, of the copy before the write
+    assert sent_a == sent_b == state.revision and a[0] is b[0]
+    assert _fold(a) == _fold(b) == _fold([state.full_snapshot()])
+    assert [u.revision for u in a[1:] if isinstance(u, rpb.SnapshotUpdate)] == [state.revision]
+    # The next watcher gets the shared bytes without a build.
+    again, _ = await state.full_backlog_async()
+    assert again[0] is a[0] and built_at == [state.revision - 1]
+
+
+async def test_full_backlog_async_rebuilds_when_the_log_lost_the_deltas(
+    state: RegistryState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state.apply([bp(), ag("alice")])
+    started, release = threading.Event(), threading.Event()
+    real = state_module._serialized
+    built_at: list[int] = []
+
+    def held_build(records: Any) -> Any:
+        built_at.append(records.revision)
+        if len(built_at) == 1:
+            started.set()
+            assert release.wait(10)
+        return real(records)
+
+    monkeypatch.setattr(state_module, "_serialized", held_build)
+    task = asyncio.ensure_future(state.full_backlog_async())
+    while not started.is_set():
+        await asyncio.sleep(0.001)
+    _bump(state, 10)  # more writes than the log keeps (8)
+    release.set()
+    backlog, sent = await task
+    assert len(built_at) == 2 and built_at[1] == state.revision
+    assert sent == state.revision and _fold(backlog) == _fold([state.full_snapshot()])
 
 
 # -- watchers ------------------------------------------------------------------------------------
