@@ -168,8 +168,7 @@ class RegistryState:
         found = self._shared_backlog(max_deltas)
         if found is not None:
             return found
-        records = self.records()
-        self._full = (records.revision, records.bundles, build_full(records).SerializeToString())
+        self._full = _serialized(self.records())
         return [self._full[2]], self.revision
 
     async def full_backlog_async(
@@ -183,7 +182,7 @@ class RegistryState:
             if found is not None:
                 return found
             if self._building is None or self._building.done():
-                records = self.records()
+                records = self.records()  # on the loop: the copy is consistent
                 self._building = asyncio.ensure_future(asyncio.to_thread(_serialized, records))
             building = self._building
             revision, bundles, data = await asyncio.shield(building)
