@@ -141,6 +141,14 @@ def test_usage_errors_exit_2(
             "--credentials needs --trust-bundle and --registry too",
         ),
         (["registry", "serve", "--data-dir", "{tmp}"], "holds no CA: run `trustmesh registry init"),
+        (
+            [
+                *("sidecar", "run", "--spiffe-id", "spiffe://test.local/agents/a"),
+                *("--registry", "127.0.0.1:1", "--app", "127.0.0.1:2", "--data-dir", "{tmp}"),
+                *("--credentials", "ca", "--event-loop", "libuv"),
+            ],
+            "unknown event loop 'libuv': expected one of auto, uvloop, asyncio",
+        ),
     ],
     ids=[
         "apply-missing-file",
@@ -149,6 +157,7 @@ def test_usage_errors_exit_2(
         "missing-config",
         "credentials-alone",
         "serve-uninitialised",
+        "unknown-event-loop",
     ],
 )
 def test_config_errors_exit_1_with_one_line(

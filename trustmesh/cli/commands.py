@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import yaml
 
+from trustmesh import event_loop
 from trustmesh.client_config import default_config_path
 from trustmesh.errors import ConfigError, RegistryUnavailableError
 from trustmesh.manifest import parse_sourced, to_document
@@ -237,7 +238,9 @@ def _fingerprint(bundle: Path) -> str:
 
 
 def _run_until_signal(
-    start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]
+    start: Callable[[], Awaitable[Any]],
+    stop: Callable[[], Awaitable[Any]],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> int:
     async def body() -> None:
         done = asyncio.Event()
@@ -261,7 +264,8 @@ def _run_until_signal(
             signalled.cancel()
             await stop()
 
-    asyncio.run(body())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(body())
     return 0
 
 
@@ -372,6 +376,7 @@ def cmd_sidecar_run(args: argparse.Namespace) -> int:
                 f"{', '.join(given)}: embedded-CA flags, but this sidecar takes its SVID from "
                 "the SPIFFE Workload API; drop them, or pass --credentials ca"
             )
+    loop_factory = event_loop.loop_factory(args.event_loop)  # a bad choice fails first
     provider = configure_tracing(f"trustmesh-sidecar {args.spiffe_id or '(spiffe)'}")
     config = SidecarConfig(
         spiffe_id=SpiffeId.parse(args.spiffe_id) if args.spiffe_id else None,
@@ -411,7 +416,7 @@ def cmd_sidecar_run(args: argparse.Namespace) -> int:
         await sidecar.stop()
         provider.shutdown()
 
-    return _run_until_signal(start, stop)
+    return _run_until_signal(start, stop, loop_factory)
 
 
 def cmd_sidecar_status(args: argparse.Namespace) -> int:

@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
             "YAML file of trusted user-token issuers",
         ),
         ("--engine", "TRUSTMESH_ENGINE", "h2", "forwarding engine: h2 or grpc (ADR 0009)"),
+        (
+            "--event-loop",
+            "TRUSTMESH_EVENT_LOOP",
+            "auto",
+            "auto (uvloop if installed), uvloop or asyncio (ADR 0012)",
+        ),
     ]:
         value = _env(env, default)
         run.add_argument(flag, default=value, help=f"{help_} (${env})")

@@ -30,7 +30,7 @@ import random
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from trustmesh_sidecar.h2 import frames as f
 from trustmesh_sidecar.h2.config import H2Config
@@ -95,12 +95,16 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
         on_request: RequestHandler | None = None,
         on_closed: Callable[[H2Connection], None] | None = None,
         verify: Callable[[asyncio.BaseTransport], None] | None = None,
+        peer_chain_of: Callable[[asyncio.BaseTransport], tuple[bytes, ...]] | None = None,
+        on_open: Callable[[H2Connection], None] | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self._on_request = on_request
         self._on_closed = on_closed
         self._verify = verify
+        self._peer_chain_of = peer_chain_of
+        self._on_open = on_open  # called once the transport (after TLS) is up
         self._loop = asyncio.get_running_loop()
         self.created = self._loop.time()
         self.transport: asyncio.Transport | None = None
@@ -111,7 +115,6 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
         self.settled: asyncio.Future[None] = self._loop.create_future()  # peer's SETTINGS
         self._settings_unacked = 0
         self._slot_waiters: deque[Callable[[], None]] = deque()
-        self._early: list[bytes] = []
         self._decoder = f.FrameDecoder(
             expect_preface=not client,
             max_frame_size=config.max_frame_size,
@@ -150,13 +153,18 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             family = "ipv6" if ":" in str(peer[0]) else "ipv4"
             host = f"[{peer[0]}]" if family == "ipv6" else str(peer[0])
             self.peer_address = f"{family}:{host}:{peer[1]}"
+        if self._peer_chain_of is not None:  # server role: the caller's verified chain
+            try:
+                self.peer_chain = self._peer_chain_of(transport)
+            except Exception as e:  # left empty: the router refuses the call
+                log.debug("h2 %s: no peer chain: %s", self.peer_address, e)
         if self._verify is not None:
             try:
                 self._verify(transport)
@@ -189,9 +197,8 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
             self._later(age * random.uniform(0.9, 1.0), self.drain)  # noqa: S311 (jitter)
         if not self.ready.done():
             self.ready.set_result(None)
-        early, self._early = self._early, []
-        for data in early:
-            self.data_received(data)
+        if self._on_open is not None:
+            self._on_open(self)
 
     def _settle(self, error: BaseException) -> None:
         for future in (self.ready, self.settled):
@@ -201,9 +208,6 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
-            return
-        if self.transport is None:  # bytes that raced connection_made (start_tls)
-            self._early.append(data)
             return
         self._receiving = True
         batch = self._batch

@@ -3,8 +3,8 @@
 It implements the `Engine` seam (`trustmesh_sidecar/engine.py`) with the same
 semantics as `GrpcEngine`, without grpcio and without the TLS bridge:
 
-* inbound: a TCP listener; each connection gets the current server `SSLContext`
-  through `loop.start_tls`, so rotated credentials reach the next handshake;
+* inbound: a TLS listener whose SNI callback hands each handshake the current
+  server `SSLContext` (`tls.acceptor`), so rotated credentials reach the next one;
 * outbound: plaintext h2c on localhost for the agent;
 * upstreams: pooled connections per (address, expected ID, credential generation),
   over mTLS with the exact SPIFFE ID checked after the handshake (peers), or h2c
@@ -25,7 +25,7 @@ import os
 import shutil
 import ssl
 import tempfile
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from trustmesh.errors import Code, PeerAuthenticationError, format_details
@@ -39,7 +39,7 @@ from trustmesh_sidecar.h2.config import H2Config
 from trustmesh_sidecar.h2.connection import H2Connection
 from trustmesh_sidecar.h2.hpack_cache import RawHeaders
 from trustmesh_sidecar.h2.streams import Stream
-from trustmesh_sidecar.h2.tls import TlsMaterial, check_server, verified_chain
+from trustmesh_sidecar.h2.tls import TlsMaterial, acceptor, check_server, verified_chain
 
 __all__ = ["H2Engine"]
 
@@ -62,19 +62,6 @@ class _Control:
             self.call.abort(code, details)
         elif self.status is None:
             self.status = (code, details)
-
-
-class _Handshake(asyncio.Protocol):
-    """Holds an accepted TCP connection, paused, until the engine starts TLS on it."""
-
-    def __init__(self, engine: H2Engine, router: CallRouter) -> None:
-        self._engine = engine
-        self._router = router
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
-        self._engine._spawn(self._engine._accept_tls(transport, self._router))
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -110,7 +97,6 @@ class H2Engine:
         self._errors: dict[_Key, PeerAuthenticationError] = {}
         self._servers: list[asyncio.Server] = []
         self._conns: set[H2Connection] = set()
-        self._tasks: set[asyncio.Task[object]] = set()
 
     # -- Engine ---------------------------------------------------------------------------
 
@@ -126,7 +112,12 @@ class H2Engine:
         in_host, in_port = _split(inbound_address)
         out_host, out_port = _split(outbound_address)
         inbound = await loop.create_server(
-            lambda: _Handshake(self, inbound_router), in_host, in_port, reuse_address=True
+            lambda: self._server_connection(inbound_router, peer_chain_of=verified_chain),
+            in_host,
+            in_port,
+            reuse_address=True,
+            ssl=acceptor(lambda: self._material.server),
+            ssl_handshake_timeout=self.config.handshake_timeout_s,
         )
         outbound = await loop.create_server(
             lambda: self._server_connection(outbound_router),
@@ -159,8 +150,6 @@ class H2Engine:
             await asyncio.sleep(0.02)
         for conn in list(self._conns):
             conn.abort()
-        for task in list(self._tasks):
-            task.cancel()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
@@ -171,49 +160,21 @@ class H2Engine:
 
     # -- accepting ----------------------------------------------------------------------------
 
-    def _spawn(self, coro: Awaitable[object]) -> None:
-        task: asyncio.Task[object] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _server_connection(self, router: CallRouter) -> H2Connection:
+    def _server_connection(
+        self,
+        router: CallRouter,
+        peer_chain_of: Callable[[asyncio.BaseTransport], tuple[bytes, ...]] | None = None,
+    ) -> H2Connection:
         conn = H2Connection(
             self.config,
             client=False,
             on_request=functools.partial(self._on_request, router),
             on_closed=self._forget,
+            peer_chain_of=peer_chain_of,
+            # Tracked from connection_made on: a handshake that fails never gets there.
+            on_open=self._conns.add,
         )
-        self._conns.add(conn)
         return conn
-
-    async def _accept_tls(self, transport: asyncio.Transport, router: CallRouter) -> None:
-        conn = self._server_connection(router)
-        loop = asyncio.get_running_loop()
-        try:
-            tls = await loop.start_tls(
-                transport,
-                conn,
-                self._material.server,
-                server_side=True,
-                ssl_handshake_timeout=self.config.handshake_timeout_s,
-            )
-        except asyncio.CancelledError:
-            transport.abort()
-            raise
-        except Exception as e:  # junk, a refused certificate, a timeout: one connection
-            log.debug("inbound TLS handshake failed: %s", e)
-            transport.abort()
-            self._conns.discard(conn)
-            return
-        if tls is None:
-            transport.abort()
-            self._conns.discard(conn)
-            return
-        try:
-            conn.peer_chain = verified_chain(tls)
-        except Exception as e:
-            log.debug("no peer chain: %s", e)
-        conn.connection_made(tls)
 
     def _forget(self, conn: H2Connection) -> None:
         self._conns.discard(conn)

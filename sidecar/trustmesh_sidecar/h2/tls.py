@@ -2,8 +2,10 @@
 
 * Server: one context per credential generation, with our SVID (leaf and
   intermediates), client certificates required and every bundle as roots. The
-  engine hands each new connection the current context (`loop.start_tls`), so a
-  rotated SVID or bundle is used from the next handshake on.
+  listener's own context (`acceptor`) holds no certificate and trusts no CA: its SNI
+  callback, which OpenSSL calls for every ClientHello (with or without a server
+  name), hands the connection the current generation's context, so a rotated SVID or
+  bundle is used from the next handshake on (ADR 0009).
 * Client: one context per (trust domain, generation) whose only roots are the bundle
   of the expected ID's own trust domain, so a federated CA can't vouch for anyone
   else. After the handshake, the leaf must carry exactly the expected SPIFFE ID
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ from trustmesh.errors import PeerAuthenticationError
 from trustmesh.spiffe_id import SpiffeId, TrustDomain
 from trustmesh.x509svid import BundleSet, X509Svid, spiffe_id_of, write_private_file
 
-__all__ = ["TlsMaterial", "check_server", "verified_chain"]
+__all__ = ["TlsMaterial", "acceptor", "check_server", "verified_chain"]
 
 _CIPHERS_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20"
 _ENCODING_DER = 2  # _ssl.ENCODING_DER
@@ -62,10 +65,7 @@ class TlsMaterial:
             cert_path.unlink(missing_ok=True)
 
     def _common(self, ctx: ssl.SSLContext) -> None:
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_ciphers(_CIPHERS_TLS12)
-        ctx.set_alpn_protocols(["h2"])
-        ctx.verify_mode = ssl.CERT_REQUIRED
+        _protocol(ctx)
         self._load_svid(ctx)
 
     def _server(self) -> ssl.SSLContext:
@@ -89,6 +89,30 @@ class TlsMaterial:
             ctx.load_verify_locations(cadata=bundle.pem().decode())
             self._clients[td] = ctx
         return ctx
+
+
+def _protocol(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(_CIPHERS_TLS12)
+    ctx.set_alpn_protocols(["h2"])
+    ctx.verify_mode = ssl.CERT_REQUIRED
+
+
+def acceptor(current: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """The inbound listener's context: each handshake gets `current()` (a generation's
+    server context) from the SNI callback. Protocol version, ciphers and the demand for
+    a client certificate are this context's (OpenSSL fixes them when the connection is
+    created); the certificate and the roots that verify the client are the handed-over
+    context's. Without the hand-over there is no certificate and no root: the handshake
+    fails."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _protocol(ctx)
+
+    def hand_over(sslobj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        sslobj.context = current()
+
+    ctx.sni_callback = hand_over
+    return ctx
 
 
 def _ssl_object(transport: asyncio.BaseTransport) -> Any:
