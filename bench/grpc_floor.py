@@ -49,6 +49,7 @@ from bench.common import machine, rotate
 from bench.inproc import cpu_seconds, echo_server, mesh_docs, pct, sequential, throughput
 from bench.relay import relay
 from trustmesh.demo.mesh import LocalMesh
+from trustmesh.event_loop import loop_factory
 
 HOST = "floor.test"  # the DNS name in the forwarders' certificates (grpc checks it)
 
@@ -285,11 +286,14 @@ def main() -> None:
     parser.add_argument("--role", choices=("outer", "inner"), help=argparse.SUPPRESS)
     parser.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # The proxy floors run on the event loop a sidecar runs on (`--event-loop auto`).
     if args.forward:
-        asyncio.run(forwarder("127.0.0.1:0", args.forward, args.tls_dir, args.role))
+        with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+            runner.run(forwarder("127.0.0.1:0", args.forward, args.tls_dir, args.role))
         return
     if args.relay:
-        asyncio.run(relay("127.0.0.1:0", args.relay, args.tls_dir, args.role))
+        with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+            runner.run(relay("127.0.0.1:0", args.relay, args.tls_dir, args.role))
         return
     rounds, calls, tput = (1, 30, 200) if args.quick else (
         args.rounds, args.calls, args.throughput_calls)  # fmt: skip

@@ -17,6 +17,7 @@ import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 __all__ = ["relay"]
 
@@ -31,8 +32,8 @@ class _Pipe(asyncio.Protocol):
         self.early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # No isinstance check: uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
         if self.on_made is not None:
             self.on_made(self)
 
