@@ -214,6 +214,38 @@ def test_true_binary_status_details_go_on_as_base64() -> None:
     assert resp.details_bin == base64.b64encode(b"\xff\x00").rstrip(b"=")
 
 
+RESPONSE = ((b":status", b"200"), (b"content-type", b"application/grpc"), (b"x-a", b"v"))
+TRAILERS = ((b"grpc-status", b"5"), (b"grpc-message", b"no%20such"), (b"x-t", b"w"))
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "outcome"),
+    [
+        (
+            (RESPONSE, False),
+            (RESPONSE, False),
+            (200, None, (("content-type", "application/grpc"), ("x-a", "v"))),
+        ),
+        ((TRAILERS, True), (TRAILERS, True), (None, 5, (("x-t", "w"),))),
+        ((RESPONSE, False), (RESPONSE, True), "unexpected pseudo-header"),
+        ((TRAILERS, True), (TRAILERS, False), "response without :status"),
+    ],
+    ids=["headers-again", "trailers-again", "headers-then-as-trailers", "trailers-then-as-headers"],
+)
+def test_a_remembered_response_is_remembered_per_kind(
+    first: tuple[tuple[tuple[bytes, bytes], ...], bool],
+    then: tuple[tuple[tuple[bytes, bytes], ...], bool],
+    outcome: tuple[int | None, int | None, tuple[tuple[str, str], ...]] | str,
+) -> None:
+    wire.parse_response(first[0], trailers=first[1])
+    if isinstance(outcome, str):
+        with pytest.raises(wire.Malformed, match=outcome):
+            wire.parse_response(then[0], trailers=then[1])
+        return
+    resp = wire.parse_response(then[0], trailers=then[1])
+    assert (resp.status, resp.grpc_status, resp.metadata) == outcome
+
+
 MALFORMED = {
     "upper-case-name": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"X-A", b"v")),
     "pseudo-after-regular": ((b":method", b"POST"), (b"x-a", b"v"), (b":path", b"/a.B/C")),

@@ -55,7 +55,12 @@ class MessageMeter:
 
     def feed(self, data: bytes) -> int | None:
         """None, or the length of a message over the limit that starts in `data`."""
-        i, n = 0, len(data)
+        n = len(data)
+        if not self.remaining and not self.head and n >= 5:
+            length = int.from_bytes(data[1:5], "big")
+            if length == n - 5:  # the common case: exactly one whole message
+                return length if length > self.limit else None
+        i = 0
         while i < n:
             if self.remaining:
                 take = min(self.remaining, n - i)

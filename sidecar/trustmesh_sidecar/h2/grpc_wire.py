@@ -184,8 +184,28 @@ def forwardable_path(path: str) -> bool:
     return _FORWARDABLE_PATH_RE.fullmatch(path) is not None
 
 
+# Parsed response header lists and trailers, by their fields: an upstream answers every
+# call of a method with the same fields, and the HPACK decoder hands a block it has
+# seen before back as the same tuple, so a hit is one probe matched by identity. The
+# `Response` values are shared and never changed.
+_RESPONSES: dict[RawHeaders, Response] = {}
+_TRAILERS: dict[RawHeaders, Response] = {}
+
+
 def parse_response(raw: RawHeaders, *, trailers: bool) -> Response:
     """An upstream's response headers (`trailers=False`) or trailers."""
+    memo = _TRAILERS if trailers else _RESPONSES
+    found = memo.get(raw)
+    if found is not None:
+        return found
+    resp = _parse_response(raw, trailers)
+    if len(memo) >= _CACHE_ENTRIES:
+        memo.clear()
+    memo[raw] = resp
+    return resp
+
+
+def _parse_response(raw: RawHeaders, trailers: bool) -> Response:
     status: int | None = None
     metadata: list[Header] = []
     grpc_status: int | None = None

@@ -76,21 +76,50 @@ class Stream:
 
     # -- sending ----------------------------------------------------------------------
 
+    # With nothing queued, `send_*` write at once what `flush` would write first (the
+    # common case); anything else goes through the queue.
+
     def send_headers(self, fields: Fields, end: bool) -> None:
-        if self.local_done or self.conn.closed:
+        conn = self.conn
+        if self.local_done or conn.closed:
             return
-        self.outq.append((_HEADERS, fields, end))
-        if len(self.outq) == 1:
-            self.flush()
+        if self.outq:
+            self.outq.append((_HEADERS, fields, end))
+            return
+        conn.write_headers(self.id, fields, end)
+        if end:
+            self._ended()
 
     def send_data(self, data: bytes, end: bool, *, credited: bool = False) -> None:
-        if self.local_done or self.conn.closed:
+        conn = self.conn
+        if self.local_done or conn.closed:
             if not credited:
                 self._credit_source(len(data))
+            return
+        n = len(data)
+        if (
+            not self.outq
+            and not conn.paused
+            and n <= self.send_window
+            and n <= conn.send_window
+            and n <= conn.peer_max_frame
+        ):
+            self.send_window -= n
+            conn.send_window -= n
+            conn.write_data(self.id, data, end)
+            if n and not credited:
+                self._credit_source(n)
+            if end:
+                self._ended()
             return
         self.outq.append((_REPLAYED if credited else _DATA, data, end))
         if len(self.outq) == 1:
             self.flush()
+
+    def _ended(self) -> None:
+        self.local_done = True
+        if self.remote_done:
+            self.conn.stream_closed(self)
 
     def send_reset(self, code: int) -> None:
         """RST_STREAM after whatever is queued (e.g. trailers, then NO_ERROR)."""
@@ -150,9 +179,7 @@ class Stream:
                 conn.write_reset(self.id, payload)
                 self.remote_done = True
             if end:
-                self.local_done = True
-                if self.remote_done:
-                    conn.stream_closed(self)
+                self._ended()
                 return
 
     def discard(self) -> None:
