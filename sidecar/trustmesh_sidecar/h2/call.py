@@ -138,7 +138,7 @@ class Call:
         retry_buffer_bytes: int = 16 * 1024,
         max_attempts: int = 3,
     ) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = down.conn.loop
         self.down = down
         self.request = request
         self.fwd = fwd
@@ -407,11 +407,12 @@ class Call:
 
     def _end(self, code: Code, details: str) -> None:
         self.done = True
-        held = sum(len(data) for data, _, credited in self._pending if not credited)
-        self._pending = []
+        if self._pending:
+            held = sum(len(data) for data, _, credited in self._pending if not credited)
+            self._pending = []
+            if held:
+                self.down.conn.credit(self.down, held)
         self._replay = None
-        if held:
-            self.down.conn.credit(self.down, held)
         if self._timer is not None:
             self._timer.cancel()
         if self._task is not None and not self._task.done():

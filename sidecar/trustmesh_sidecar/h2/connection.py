@@ -105,7 +105,7 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
         self._verify = verify
         self._peer_chain_of = peer_chain_of
         self._on_open = on_open  # called once the transport (after TLS) is up
-        self._loop = asyncio.get_running_loop()
+        self.loop = self._loop = asyncio.get_running_loop()
         self.created = self._loop.time()
         self.transport: asyncio.Transport | None = None
         self.peer_address = ""

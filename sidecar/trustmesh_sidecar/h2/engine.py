@@ -260,12 +260,20 @@ class H2Engine:
         oldest = loop.time() - self.config.max_connection_age_s
         conns = self._pool.get(key)
         if conns:
-            for conn in list(conns):
-                if self._generations.get(conn) != generation or conn.created < oldest:
-                    conns.remove(conn)
-                    conn.drain()  # closes once its calls are done
+            generations = self._generations
+            stale: list[H2Connection] = []
+            found = None
+            for conn in conns:
+                if generations.get(conn) != generation or conn.created < oldest:
+                    stale.append(conn)
                 elif conn.can_open:
-                    return conn
+                    found = conn
+                    break
+            for conn in stale:
+                conns.remove(conn)
+                conn.drain()  # closes once its calls are done
+            if found is not None:
+                return found
         dial_key = (key, generation)
         task = self._dials.get(dial_key)
         if task is None:

@@ -54,6 +54,7 @@ FLAG_ACK = 0x1
 FLAG_END_HEADERS = 0x4
 FLAG_PADDED = 0x8
 FLAG_PRIORITY = 0x20
+_PLAIN_HEADERS_MASK = FLAG_END_HEADERS | FLAG_PADDED | FLAG_PRIORITY
 
 DEFAULT_MAX_FRAME_SIZE = 16_384
 MAX_FRAME_SIZE_LIMIT = (1 << 24) - 1
@@ -256,6 +257,16 @@ class FrameDecoder:
                 events.append(
                     DataFrame(sid, data[start:pos], bool(flags & FLAG_END_STREAM), length)
                 )
+                continue
+            if (
+                ftype == HEADERS
+                and flags & _PLAIN_HEADERS_MASK == FLAG_END_HEADERS
+                and not self._block_stream
+                and sid
+                and length <= self._max_block
+            ):
+                # Also inline: a whole header block in one frame, no padding or priority.
+                events.append(HeaderBlock(sid, data[start:pos], bool(flags & FLAG_END_STREAM)))
                 continue
             event = self._frame(ftype, flags, sid, data[start:pos])
             if event is not None:

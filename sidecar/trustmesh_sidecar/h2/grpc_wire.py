@@ -247,13 +247,15 @@ def _parse_response(raw: RawHeaders, trailers: bool) -> Response:
     )
 
 
+_MISSING = (b"?", b"")  # compared by identity: not cached yet
+
+
 def metadata_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
     """Metadata as header fields. Names a peer could not have sent us are dropped."""
     out: list[tuple[bytes, bytes]] = []
     for header in headers:
-        if header in _OUT:
-            field = _OUT[header]
-        else:
+        field = _OUT.get(header, _MISSING)
+        if field is _MISSING:
             field = _field(header[0], header[1])
             if header[0] not in _UNCACHED_KEYS:
                 if len(_OUT) >= _CACHE_ENTRIES:
