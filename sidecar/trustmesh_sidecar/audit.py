@@ -77,12 +77,17 @@ class Audit:
         if not audit.isEnabledFor(logging.INFO):
             return
         entry = (time(), side, caller, callee, method, decision)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            _write_audit(entry)
-            return
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            # Routers run on their loop's thread: while the loop that took the last
+            # batch runs, it is this one. (get_running_loop() is a getpid() system call
+            # on CPython 3.11, and this runs per call.)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                _write_audit(entry)
+                return
         if not self._entries or self._loop is not loop:
             self.flush()  # (a batch whose loop never ran it: write it now)
             loop.call_soon(self.flush)

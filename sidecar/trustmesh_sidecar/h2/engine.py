@@ -96,6 +96,7 @@ class H2Engine:
         self._serials: dict[_Key, list[str]] = {}
         self._errors: dict[_Key, PeerAuthenticationError] = {}
         self._servers: list[asyncio.Server] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._conns: set[H2Connection] = set()
 
     # -- Engine ---------------------------------------------------------------------------
@@ -108,7 +109,7 @@ class H2Engine:
         inbound_router: CallRouter,
         outbound_router: CallRouter,
     ) -> tuple[str, str]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         in_host, in_port = _split(inbound_address)
         out_host, out_port = _split(outbound_address)
         inbound = await loop.create_server(
@@ -256,7 +257,9 @@ class H2Engine:
         up = fwd.upstream
         key = (up.address, up.expected_id)
         generation = self._generation if up.expected_id is not None else 0
-        loop = asyncio.get_running_loop()
+        # The loop from start(): on CPython 3.11 every get_running_loop() is a getpid()
+        # system call (its fork check), and this runs per call.
+        loop = self._loop or asyncio.get_running_loop()
         oldest = loop.time() - self.config.max_connection_age_s
         conns = self._pool.get(key)
         if conns:
