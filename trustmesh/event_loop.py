@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from trustmesh.errors import ConfigError
 
-__all__ = ["CHOICES", "loop_factory"]
+__all__ = ["CHOICES", "loop_factory", "running_name"]
 
 CHOICES = ("auto", "uvloop", "asyncio")
 
@@ -37,3 +37,9 @@ def loop_factory(choice: str) -> LoopFactory | None:
     import uvloop
 
     return uvloop.new_event_loop
+
+
+def running_name() -> str:
+    """`uvloop` or `asyncio`: the loop this coroutine runs on (for the start-up line)."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.partition(".")[0] == "uvloop" else "asyncio"

@@ -408,7 +408,8 @@ def cmd_sidecar_run(args: argparse.Namespace) -> int:
         me = sidecar.state.spiffe_id if sidecar.state is not None else config.spiffe_id
         print(
             f"sidecar {me} outbound={sidecar.outbound_address} "
-            f"inbound={sidecar.inbound_address} admin={sidecar.admin_address}",
+            f"inbound={sidecar.inbound_address} admin={sidecar.admin_address} "
+            f"event_loop={event_loop.running_name()}",
             flush=True,
         )
 

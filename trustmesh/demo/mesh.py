@@ -38,6 +38,7 @@ class SidecarProcess:
     outbound: str = ""
     inbound: str = ""
     admin: str = ""
+    event_loop: str = ""  # as the sidecar reported it: uvloop or asyncio
     output: list[str] = field(default_factory=list)
 
     async def stop(self, timeout: float = 5.0) -> int:
@@ -209,6 +210,7 @@ class LocalMesh:
                     parts["inbound"],
                     parts["admin"],
                 )
+                sc.event_loop = parts.get("event_loop", "")
                 asyncio.get_running_loop().create_task(self._drain(sc))
                 return
 
