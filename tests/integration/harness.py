@@ -10,6 +10,7 @@ runs sidecars as separate processes; tests that need that use it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from trustmesh.demo.mesh import LocalMesh, SidecarProcess
 from trustmesh.limits import DEFAULT_LIMITS, Limits
 from trustmesh.operator_client import OperatorClient
 from trustmesh.spiffe_id import SpiffeId, TrustDomain
@@ -353,3 +355,43 @@ async def add_with_app(mesh: Mesh, name: str, app: EchoApp) -> Node:
     """`Mesh.add`, but the sidecar forwards to `app`: an `EchoApp` subclass whose
     `start()` serves the test's own services (started here)."""
     return await mesh.add(name, app=app)
+
+
+@contextlib.asynccontextmanager
+async def process_pair(
+    root: Path, **mesh_options: Any
+) -> AsyncIterator[tuple[LocalMesh, SidecarProcess, SidecarProcess, dict[str, EchoApp]]]:
+    """A `LocalMesh` (registry and sidecars as `trustmesh` processes) where alice may
+    call bob's `test.Echo`: yields the mesh, alice's and bob's sidecar processes and
+    their apps. On the way out the sidecars must exit 0 on SIGTERM."""
+    mesh = LocalMesh(root, trust_domain=TD, **mesh_options)
+    apps = {"alice": EchoApp(), "bob": EchoApp()}
+    docs = [
+        blueprint("any"),
+        agent("alice"),
+        agent("bob"),
+        policy("alice-calls-bob", ["alice"], ["bob"], [f"/{ECHO}/*"]),
+    ]
+    try:
+        await asyncio.wait_for(mesh.start_registry(), 10)
+        await mesh.apply(
+            [
+                rpb.ManifestDocument(source=f"pair#{i}", json=json.dumps(d))
+                for i, d in enumerate(docs)
+            ]
+        )
+        for app in apps.values():
+            await app.start()
+        alice, bob = await asyncio.wait_for(
+            asyncio.gather(
+                *(mesh.start_sidecar(n, a.address, ready_timeout=10) for n, a in apps.items())
+            ),
+            12,
+        )
+        yield mesh, alice, bob, apps
+        codes = await asyncio.gather(*(sc.stop() for sc in mesh.sidecars.values()))
+        assert codes == [0, 0], [sc.output[-10:] for sc in mesh.sidecars.values()]
+    finally:
+        await mesh.stop()  # sidecars flush their spans on SIGTERM
+        for app in apps.values():
+            await app.stop()

@@ -8,7 +8,6 @@ collector.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -18,11 +17,9 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
-from trustmesh.demo.mesh import LocalMesh
 from trustmesh.demo.otlp_receiver import OtlpReceiver, ReceivedSpan
-from trustmesh.v1 import registry_pb2 as rpb
 
-from harness import ECHO, TD, EchoApp, Mesh, agent, agent_id, blueprint, policy, unary
+from harness import ECHO, Mesh, agent_id, process_pair, unary
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 AGENT_SPAN_ID = "00f067aa0ba902b7"
@@ -130,18 +127,6 @@ async def test_trace_context_is_honoured_and_passed_on(trio: Mesh) -> None:
 # -- real processes, real OTLP -----------------------------------------------------------------
 
 
-def manifest() -> list[rpb.ManifestDocument]:
-    docs = [
-        blueprint("any"),
-        agent("alice"),
-        agent("bob"),
-        policy("alice-calls-bob", ["alice"], ["bob"], ["/test.Echo/*"]),
-    ]
-    return [
-        rpb.ManifestDocument(source=f"traces#{i}", json=json.dumps(d)) for i, d in enumerate(docs)
-    ]
-
-
 def received(spans: list[ReceivedSpan], service: str, kind: str) -> ReceivedSpan | None:
     matching = [
         s
@@ -178,31 +163,15 @@ async def wait_routes(alice: str, bob: str, timeout: float = 5.0) -> None:
 async def test_sidecar_processes_export_spans_over_otlp(tmp_path: Path) -> None:
     receiver = OtlpReceiver()
     await receiver.start()
-    mesh = LocalMesh(tmp_path, trust_domain=TD, otlp_endpoint=receiver.endpoint)
-    apps = {"alice": EchoApp(), "bob": EchoApp()}
     try:
-        await asyncio.wait_for(mesh.start_registry(), 10)
-        await mesh.apply(manifest())
-        for app in apps.values():
-            await app.start()
-        alice, bob = await asyncio.wait_for(
-            asyncio.gather(
-                *(mesh.start_sidecar(n, a.address, ready_timeout=10) for n, a in apps.items())
-            ),
-            12,
-        )
-        await wait_routes(alice.outbound, bob.outbound)
-        reply, _ = await unary(alice.outbound, "bob", timeout=5)
-        assert reply == b"ping"
-        with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await unary(bob.outbound, "alice", timeout=5)
-        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        codes = await asyncio.gather(*(sc.stop() for sc in mesh.sidecars.values()))
-        assert codes == [0, 0], [sc.output[-10:] for sc in mesh.sidecars.values()]
+        async with process_pair(tmp_path, otlp_endpoint=receiver.endpoint) as (_, alice, bob, _):
+            await wait_routes(alice.outbound, bob.outbound)
+            reply, _ = await unary(alice.outbound, "bob", timeout=5)
+            assert reply == b"ping"
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await unary(bob.outbound, "alice", timeout=5)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
-        await mesh.stop()  # sidecars flush their spans on SIGTERM
-        for app in apps.values():
-            await app.stop()
         await receiver.stop()
 
     spans = receiver.spans

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 from pathlib import Path
 
 import grpc
 import pytest
 
-from trustmesh.demo.mesh import LocalMesh
-from trustmesh.v1 import registry_pb2 as rpb
-
-from harness import TD, EchoApp, agent, blueprint, policy, unary
+from harness import TD, process_pair, unary
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
@@ -29,30 +25,8 @@ CASES = {
 async def test_sidecars_serve_on_the_chosen_loop(tmp_path: Path, choice: str, running: str) -> None:
     if running == "uvloop" and not HAVE_UVLOOP:
         pytest.skip("uvloop is not installed")
-    mesh = LocalMesh(tmp_path, trust_domain=TD, extra_env={"TRUSTMESH_EVENT_LOOP": choice})
-    apps = {"alice": EchoApp(), "bob": EchoApp()}
-    docs = [
-        blueprint("any"),
-        agent("alice"),
-        agent("bob"),
-        policy("alice-calls-bob", ["alice"], ["bob"], ["/test.Echo/*"]),
-    ]
-    try:
-        await asyncio.wait_for(mesh.start_registry(), 10)
-        await mesh.apply(
-            [
-                rpb.ManifestDocument(source=f"loop#{i}", json=json.dumps(d))
-                for i, d in enumerate(docs)
-            ]
-        )
-        for app in apps.values():
-            await app.start()
-        alice, bob = await asyncio.wait_for(
-            asyncio.gather(
-                *(mesh.start_sidecar(n, a.address, ready_timeout=10) for n, a in apps.items())
-            ),
-            12,
-        )
+    async with process_pair(tmp_path, extra_env={"TRUSTMESH_EVENT_LOOP": choice}) as pair:
+        _, alice, bob, apps = pair
         assert (alice.event_loop, bob.event_loop) == (running, running)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
@@ -69,9 +43,3 @@ async def test_sidecars_serve_on_the_chosen_loop(tmp_path: Path, choice: str, ru
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await unary(bob.outbound, "alice", timeout=5)
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        codes = await asyncio.gather(*(sc.stop() for sc in mesh.sidecars.values()))
-        assert codes == [0, 0], [sc.output[-10:] for sc in mesh.sidecars.values()]
-    finally:
-        await mesh.stop()
-        for app in apps.values():
-            await app.stop()
