@@ -29,7 +29,7 @@ from trustmesh.limits import DEFAULT_LIMITS, Limits
 from trustmesh.resources import is_grpc_method
 from trustmesh.snapshot import Snapshot
 from trustmesh.spiffe_id import SpiffeId
-from trustmesh.telemetry import ATTR, inject_context, split_method, start_call_span
+from trustmesh.telemetry import ATTR, inject_context, span_seen, split_method, start_call_span
 from trustmesh_sidecar import chains
 from trustmesh_sidecar import headers as hdr
 from trustmesh_sidecar.audit import Audit
@@ -114,6 +114,8 @@ class _Spans:
 
     def start(self, call: CallStart, start_time: int, attributes: dict[str, Any]) -> trace.Span:
         """The call's span, started at `start_time` (ns) with these attributes too."""
+        if not span_seen(self._tracer):  # no one records spans: none, and no attributes
+            return trace.INVALID_SPAN
         name, base = self._per_method(call.method)
         attributes.update(base)
         attributes[ATTR.PEER_ADDRESS] = call.peer_address
