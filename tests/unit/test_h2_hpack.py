@@ -246,6 +246,15 @@ def test_a_remembered_response_is_remembered_per_kind(
     assert (resp.status, resp.grpc_status, resp.metadata) == outcome
 
 
+def test_only_small_responses_are_remembered() -> None:
+    small = ((b"grpc-status", b"0"), (b"x-small", b"v"))
+    large = ((b"grpc-status", b"0"), (b"x-large", b"v" * 2048))
+    for raw in (small, large):
+        wire.parse_response(raw, trailers=True)
+    assert small in wire._TRAILERS and large not in wire._TRAILERS
+    assert wire.parse_response(large, trailers=True).metadata == (("x-large", "v" * 2048),)
+
+
 MALFORMED = {
     "upper-case-name": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"X-A", b"v")),
     "pseudo-after-regular": ((b":method", b"POST"), (b"x-a", b"v"), (b":path", b"/a.B/C")),

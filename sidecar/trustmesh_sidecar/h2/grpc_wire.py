@@ -187,9 +187,12 @@ def forwardable_path(path: str) -> bool:
 # Parsed response header lists and trailers, by their fields: an upstream answers every
 # call of a method with the same fields, and the HPACK decoder hands a block it has
 # seen before back as the same tuple, so a hit is one probe matched by identity. The
-# `Response` values are shared and never changed.
+# `Response` values are shared and never changed. Bounded in entries and in the size
+# of what is kept (fields an upstream varies per call would only churn it).
 _RESPONSES: dict[RawHeaders, Response] = {}
 _TRAILERS: dict[RawHeaders, Response] = {}
+_MEMO_ENTRIES = 256
+_MEMO_MAX_BYTES = 1024
 
 
 def parse_response(raw: RawHeaders, *, trailers: bool) -> Response:
@@ -199,9 +202,10 @@ def parse_response(raw: RawHeaders, *, trailers: bool) -> Response:
     if found is not None:
         return found
     resp = _parse_response(raw, trailers)
-    if len(memo) >= _CACHE_ENTRIES:
-        memo.clear()
-    memo[raw] = resp
+    if sum(len(name) + len(value) for name, value in raw) <= _MEMO_MAX_BYTES:
+        if len(memo) >= _MEMO_ENTRIES:
+            memo.clear()
+        memo[raw] = resp
     return resp
 
 
