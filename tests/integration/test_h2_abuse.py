@@ -21,8 +21,9 @@ import trustmesh_sidecar.runtime
 from trustmesh.limits import Limits
 from trustmesh_sidecar.h2 import H2Engine
 
-from h2_support import ALICE, WAIT, issue, mesh_ca, pair, start_nodes, still_serves
+from h2_support import ALICE, WAIT, pair, start_nodes, still_serves
 from harness import ECHO, Mesh, Node, agent, blueprint, policy, unary
+from raw_peer import issue, mesh_ca
 
 # -- fixtures -----------------------------------------------------------------------------
 

@@ -40,19 +40,15 @@ from h2_support import (
     MIB,
     TARGET,
     WAIT,
-    dial,
     impostor,
-    issue,
-    mesh_bundles,
-    mesh_ca,
     pair,
-    reason,
     spy_calls,
     start_nodes,
     still_serves,
     wait_set,
 )
 from harness import ECHO, TD, Mesh, Node, agent, agent_id, blueprint, policy, unary
+from raw_peer import dial, issue, mesh_bundles, mesh_ca, reason
 
 # -- fixtures -----------------------------------------------------------------------------
 

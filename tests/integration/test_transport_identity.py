@@ -19,47 +19,22 @@ import pytest
 
 from trustmesh.ca import CertificateAuthority
 from trustmesh.channels import MeshChannels
-from trustmesh.errors import parse_details
 from trustmesh.spiffe_id import SpiffeId, TrustDomain
 from trustmesh.v1 import registry_pb2 as rpb
 from trustmesh.v1 import registry_pb2_grpc as rgrpc
 from trustmesh.v1 import resources_pb2 as pb
-from trustmesh.x509svid import BundleSet, TrustBundle, X509Svid, generate_key, make_csr
+from trustmesh.x509svid import X509Svid
 from trustmesh_sidecar.credentials import RegistryCredentials, registry_id_for
 
 from harness import TD, Mesh, Node, agent, agent_id, policy, unary
+from raw_peer import WAIT, dial, issue, mesh_bundles, mesh_ca, reason
 
-UNARY = "/test.Echo/Unary"
 ALICE = "spiffe://test.local/agents/alice"
 CAROL = "spiffe://test.local/agents/carol"
 OTHER_TD = TrustDomain.parse("other.example")
-WAIT = 5.0  # seconds: the bound on every network wait in this file
 
 
 # -- raw peers ---------------------------------------------------------------------------
-
-
-def mesh_ca(mesh: Mesh) -> CertificateAuthority:
-    d = mesh.root / "registry"
-    return CertificateAuthority.load((d / "ca.crt").read_bytes(), (d / "ca.key").read_bytes())
-
-
-def mesh_bundles(mesh: Mesh) -> BundleSet:
-    return BundleSet.of(TrustBundle.from_pem(TrustDomain.parse(TD), mesh.bundle_path.read_bytes()))
-
-
-def issue(
-    ca: CertificateAuthority,
-    spiffe_id: str | SpiffeId,
-    *,
-    now: datetime | None = None,
-    ttl: timedelta = timedelta(minutes=10),
-) -> X509Svid:
-    """An SVID through the CA's real CSR path."""
-    sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
-    key = generate_key()
-    cert = ca.sign_csr(make_csr(key, sid), sid, now=now or datetime.now(UTC), ttl=ttl)
-    return X509Svid(sid, (cert,), key)
 
 
 def impostor_ca(td: TrustDomain, *, signs_for: TrustDomain | None = None) -> CertificateAuthority:
@@ -67,30 +42,6 @@ def impostor_ca(td: TrustDomain, *, signs_for: TrustDomain | None = None) -> Cer
     issue IDs of another trust domain (what a rogue federated CA would do)."""
     ca = CertificateAuthority.create(td, now=datetime.now(UTC), ttl=timedelta(days=1))
     return ca if signs_for is None else CertificateAuthority(ca.cert, ca.key, signs_for)
-
-
-async def dial(
-    mesh: Mesh,
-    callee: Node,
-    svid: X509Svid | None,
-    *,
-    body: bytes = b"ping",
-    metadata: tuple[tuple[str, str], ...] = (),
-) -> bytes:
-    """One unary call straight to `callee`'s inbound port, presenting `svid` (or none)."""
-    bundles = mesh_bundles(mesh)
-    channels = MeshChannels(lambda: (svid, bundles))
-    try:
-        channel = await channels.get(callee.sidecar.inbound_address, callee.spiffe_id)
-        reply: bytes = await channel.unary_unary(UNARY)(body, metadata=metadata, timeout=WAIT)
-        return reply
-    finally:
-        await channels.close()
-
-
-def reason(err: grpc.aio.AioRpcError) -> str | None:
-    parsed = parse_details(err.details() or "")
-    return parsed[0] if parsed else None
 
 
 async def until(check: Callable[[], bool], what: str) -> None:
