@@ -395,3 +395,40 @@ async def process_pair(
         await mesh.stop()  # sidecars flush their spans on SIGTERM
         for app in apps.values():
             await app.stop()
+
+
+@dataclass
+class RotationRun:
+    calls: int
+    failures: list[tuple[grpc.StatusCode, str]]
+    callee_serials: list[str]  # the callee's SVID serials the caller's handshakes saw
+    callee_serial: str  # the callee's SVID serial at the last call
+    caller_serial: str  # the caller's, at the last call
+
+
+async def calls_across_rotations(caller: Node, callee: Node, seconds: float) -> RotationRun:
+    """Calls from `caller` to `callee` every 50 ms for `seconds` while their SVIDs rotate;
+    then on until the caller's newest handshake shows the callee's current SVID (a
+    pooled connection lives at most its maximum age, so a renewal in the last moments
+    reaches a handshake a little later), at most 3 s more. The serials are read right
+    after the last call returns, with no await in between: no renewal can slip in."""
+    loop = asyncio.get_running_loop()
+    run = RotationRun(0, [], [], "", "")
+    end = loop.time() + seconds
+    while True:
+        await asyncio.sleep(0.05)
+        try:
+            await unary(caller.outbound, callee.name, body=b"r", timeout=2.0)
+        except grpc.aio.AioRpcError as e:
+            run.failures.append((e.code(), e.details() or ""))
+        run.calls += 1
+        caller_state, callee_state = caller.sidecar.state, callee.sidecar.state
+        assert caller_state is not None and callee_state is not None
+        run.caller_serial = caller_state.svid.serial_hex
+        run.callee_serial = callee_state.svid.serial_hex
+        run.callee_serials = caller.sidecar.peer_serials(
+            callee.sidecar.inbound_address, callee.spiffe_id
+        )
+        seen = bool(run.callee_serials) and run.callee_serials[-1] == run.callee_serial
+        if loop.time() >= end and (seen or loop.time() >= end + 3.0):
+            return run

@@ -47,7 +47,18 @@ from h2_support import (
     still_serves,
     wait_set,
 )
-from harness import ECHO, TD, Mesh, Node, agent, agent_id, blueprint, policy, unary
+from harness import (
+    ECHO,
+    TD,
+    Mesh,
+    Node,
+    agent,
+    agent_id,
+    blueprint,
+    calls_across_rotations,
+    policy,
+    unary,
+)
 from raw_peer import dial, issue, mesh_bundles, mesh_ca, reason
 
 # -- fixtures -----------------------------------------------------------------------------
@@ -386,20 +397,9 @@ async def test_rotation_reaches_new_handshakes_and_drops_no_calls(h2: None, tmp_
             "bob": bob.sidecar.state.svid.serial_hex,
         }
         inbound_calls = spy_calls(bob.sidecar.inbound)
-        loop = asyncio.get_running_loop()
-        end, failures, calls = loop.time() + 5.0, [], 0
-        while loop.time() < end:
-            try:
-                await unary(alice.outbound, "bob", body=b"r", timeout=2.0)
-            except grpc.aio.AioRpcError as e:
-                failures.append((e.code(), e.details()))
-            calls += 1
-            await asyncio.sleep(0.05)
-        last = {
-            "alice": alice.sidecar.state.svid.serial_hex,
-            "bob": bob.sidecar.state.svid.serial_hex,
-        }
-        bob_serials = alice.sidecar.peer_serials(bob.sidecar.inbound_address, bob.spiffe_id)
+        run = await calls_across_rotations(alice, bob, 5.0)
+        calls, failures, bob_serials = run.calls, run.failures, run.callee_serials
+        last = {"alice": run.caller_serial, "bob": run.callee_serial}
         client_serials = {
             format(x509.load_der_x509_certificate(c.peer_chain[0]).serial_number, "x")
             for c in inbound_calls

@@ -26,7 +26,17 @@ from trustmesh_registry.server import RegistryServer, ServeConfig
 from trustmesh_sidecar.engine import CallControl, CallStart, Forward, Reject
 from trustmesh_sidecar.runtime import Sidecar, SidecarConfig
 
-from harness import ECHO, TD, Mesh, agent, agent_id, blueprint, policy, unary
+from harness import (
+    ECHO,
+    TD,
+    Mesh,
+    agent,
+    agent_id,
+    blueprint,
+    calls_across_rotations,
+    policy,
+    unary,
+)
 
 REGISTRY_ID = SpiffeId.parse(f"spiffe://{TD}/trustmesh/registry")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -109,19 +119,9 @@ async def test_rotation_drops_no_calls(tmp_path: Path, stopper: list[Mesh], seco
     first = {"alice": alice.sidecar.state.svid.serial_hex, "bob": bob.sidecar.state.svid.serial_hex}
     client_serials = spy_client_serials(bob.sidecar.inbound)
 
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    failures: list[tuple[grpc.StatusCode, str]] = []
-    calls = 0
-    while loop.time() < end:
-        code, details = await outcome(alice.outbound, "bob", body=b"r", timeout=2.0)
-        calls += 1
-        if code is not grpc.StatusCode.OK:
-            failures.append((code, details))
-        await asyncio.sleep(0.05)
-
-    last = {"alice": alice.sidecar.state.svid.serial_hex, "bob": bob.sidecar.state.svid.serial_hex}
-    bob_serials = alice.sidecar.peer_serials(bob.sidecar.inbound_address, bob.spiffe_id)
+    run = await calls_across_rotations(alice, bob, seconds)
+    calls, failures, bob_serials = run.calls, run.failures, run.callee_serials
+    last = {"alice": run.caller_serial, "bob": run.callee_serial}
     MEASURED.update(
         {
             f"rotation {seconds:.0f}s calls": calls,
