@@ -32,7 +32,7 @@ from trustmesh.spiffe_id import SpiffeId
 from trustmesh.telemetry import ATTR, inject_context, span_seen, split_method, start_call_span
 from trustmesh_sidecar import chains
 from trustmesh_sidecar import headers as hdr
-from trustmesh_sidecar.audit import Audit
+from trustmesh_sidecar.audit import DEFAULT_FLUSH_INTERVAL, Audit
 from trustmesh_sidecar.callers import Callers
 from trustmesh_sidecar.engine import (
     CallControl,
@@ -185,12 +185,13 @@ class InboundRouter:
         tracer: trace.Tracer,
         *,
         limits: Limits = DEFAULT_LIMITS,
+        audit_flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     ) -> None:
         self._state = state
         self._app = Upstream(app_address, None)
         self._tracer = tracer
         self._spans = _Spans(tracer, SpanKind.SERVER, "inbound")
-        self._audit = Audit()
+        self._audit = Audit(audit_flush_interval)
         self._callers = Callers()
         self._decisions: dict[
             tuple[SpiffeId, SpiffeId, str], tuple[Snapshot, int, Decision, datetime | None]
@@ -329,6 +330,10 @@ class InboundRouter:
     def open_calls(self) -> int:
         return len(self._open)
 
+    def flush_audit(self) -> None:
+        """Write the audit lines still waiting (the sidecar's stop)."""
+        self._audit.flush()
+
 
 _ALLOWED = Reason.ALLOWED.value
 
@@ -354,11 +359,12 @@ class OutboundRouter:
         explain: Callable[[Upstream], tuple[Code, str] | None],
         *,
         limits: Limits = DEFAULT_LIMITS,
+        audit_flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     ) -> None:
         self._state = state
         self._tracer = tracer
         self._spans = _Spans(tracer, SpanKind.CLIENT, "outbound")
-        self._audit = Audit()
+        self._audit = Audit(audit_flush_interval)
         self._plans: dict[str, _Plan] = {}
         self._explain = explain
         self._limits = limits
@@ -367,6 +373,10 @@ class OutboundRouter:
 
     def _done(self) -> None:
         self._inflight -= 1
+
+    def flush_audit(self) -> None:
+        """Write the audit lines still waiting (the sidecar's stop)."""
+        self._audit.flush()
 
     _MAX_PLANS = 1024
 

@@ -36,6 +36,7 @@ from trustmesh.v1 import sidecar_pb2 as spb
 from trustmesh.v1 import sidecar_pb2_grpc as sgrpc
 from trustmesh.x509svid import BundleSet, X509Svid
 from trustmesh_sidecar import engine_select
+from trustmesh_sidecar.audit import DEFAULT_FLUSH_INTERVAL
 from trustmesh_sidecar.credentials import CredentialSource, RegistryCredentials
 from trustmesh_sidecar.engine import Upstream
 from trustmesh_sidecar.grpc_engine import GrpcEngine
@@ -78,6 +79,9 @@ class SidecarConfig:
     # other trust domains for those the Workload API does not deliver.
     spiffe_endpoint_socket: str | None = None
     federated_bundles: BundleSet = field(default_factory=BundleSet)
+    # How long an allowed call's audit line may wait to be written with others (ADR
+    # 0013); denials are written at once. 0: every line once its callback is done.
+    audit_flush_interval: float = DEFAULT_FLUSH_INTERVAL
 
     def bootstrap_address(self) -> str:
         if self.registry_bootstrap:
@@ -126,6 +130,7 @@ class Sidecar:
         self.state: SidecarState | None = None
         self.engine: GrpcEngine | H2Engine | None = None
         self.inbound: InboundRouter | None = None
+        self.outbound: OutboundRouter | None = None
         self.inbound_address = ""
         self.outbound_address = ""
         self.admin_address = ""
@@ -170,8 +175,13 @@ class Sidecar:
             directory=cfg.data_dir / "bridge-registry",
             receive_bytes=cfg.limits.max_snapshot_bytes,  # a full snapshot can be large
         )
-        self.inbound = InboundRouter(state, cfg.app, self.tracer, limits=cfg.limits)
-        outbound = OutboundRouter(state, self.tracer, engine.explain, limits=cfg.limits)
+        flush = cfg.audit_flush_interval
+        self.inbound = InboundRouter(
+            state, cfg.app, self.tracer, limits=cfg.limits, audit_flush_interval=flush
+        )
+        outbound = self.outbound = OutboundRouter(
+            state, self.tracer, engine.explain, limits=cfg.limits, audit_flush_interval=flush
+        )
         self.inbound_address, self.outbound_address = await engine.start(
             inbound_address=cfg.inbound,
             outbound_address=cfg.outbound,
@@ -263,6 +273,9 @@ class Sidecar:
                 await t
         if self.engine is not None:
             await self.engine.stop(grace)
+        for router in (self.inbound, self.outbound):
+            if router is not None:
+                router.flush_audit()  # the lines still waiting for their batch
         if self._channels is not None:
             await self._channels.close()
         if self._admin is not None:

@@ -7,13 +7,14 @@ import asyncio
 import io
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from trustmesh.audit_log import AuditFormatter, AuditStreamHandler, direct_handler
 from trustmesh.decision import Decision, Reason
-from trustmesh_sidecar.audit import Audit
+from trustmesh_sidecar.audit import MAX_BATCH, Audit
 
 ALLOW = Decision.allow("p", "AccessPolicy 'p' allows it")
 DENY = Decision.deny(Reason.NO_MATCHING_POLICY, "no AccessPolicy allows it")
@@ -145,3 +146,97 @@ def test_a_failing_stream_is_reported_not_raised(
     handler = AuditStreamHandler(Broken())
     handler.write_lines([(0.0, "{}")])  # logging's handleError reports it on stderr
     assert "disk full" in capsys.readouterr().err
+
+
+# -- batching (ADR 0013) -----------------------------------------------------------------
+
+_INTERVAL = 0.1
+
+
+def _allow(audit: Audit, n: int = 1) -> None:
+    for i in range(n):
+        audit("inbound", f"spiffe://d/a{i}", "spiffe://d/b", "/s.S/M", ALLOW)
+
+
+def _deny(audit: Audit) -> None:
+    audit("inbound", "spiffe://d/c", "spiffe://d/b", "/s.S/M", DENY)
+
+
+def _allow_then_deny(audit: Audit) -> None:
+    _allow(audit, 2)
+    _deny(audit)
+
+
+def _full_batch(audit: Audit) -> None:
+    _allow(audit, MAX_BATCH)
+
+
+def _allow_then_flush(audit: Audit) -> None:
+    _allow(audit)
+    audit.flush()  # the sidecar's stop
+
+
+# (interval, decisions made in one callback, lines once the callback is done, lines
+# after the interval): allowed lines wait for the interval, a denial does not.
+BATCHING = {
+    "allowed-waits-for-the-interval": (_INTERVAL, _allow, 0, 1),
+    "denial-at-once": (_INTERVAL, _deny, 1, 1),
+    "denial-takes-earlier-lines-along": (_INTERVAL, _allow_then_deny, 3, 3),
+    "full-batch-at-once": (_INTERVAL, _full_batch, MAX_BATCH, MAX_BATCH),
+    "interval-zero-at-once": (0.0, _allow, 1, 1),
+    "stop-flushes-and-nothing-twice": (_INTERVAL, _allow_then_flush, 1, 1),
+}
+
+
+@pytest.mark.parametrize(
+    ("interval", "decide", "soon", "later"), list(BATCHING.values()), ids=list(BATCHING)
+)
+def test_allowed_lines_are_batched_by_time_denials_are_not(
+    audit_logger: logging.Logger,
+    interval: float,
+    decide: Callable[[Audit], None],
+    soon: int,
+    later: int,
+) -> None:
+    out = io.StringIO()
+    audit_logger.handlers[:] = [AuditStreamHandler(out)]
+
+    async def run() -> tuple[int, int, float]:
+        audit = Audit(interval)
+        decided = time.monotonic()
+        decide(audit)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        seen = len(out.getvalue().splitlines())
+        while len(out.getvalue().splitlines()) < later and time.monotonic() - decided < 2:
+            await asyncio.sleep(0.005)
+        waited = time.monotonic() - decided
+        await asyncio.sleep(interval * 1.5)  # nothing more arrives (no second write)
+        return seen, len(out.getvalue().splitlines()), waited
+
+    seen, total, waited = asyncio.run(run())
+    assert (seen, total) == (soon, later)
+    if soon < later:  # the line waited for the interval, and no longer than ~2 of them
+        assert interval * 0.9 <= waited < interval * 2 + 0.5
+
+
+def test_a_batch_keeps_the_order_of_the_decisions(audit_logger: logging.Logger) -> None:
+    out = io.StringIO()
+    audit_logger.handlers[:] = [AuditStreamHandler(out)]
+
+    async def run() -> None:
+        audit = Audit(_INTERVAL)
+        _allow(audit, 3)
+        await asyncio.sleep(0)
+        _deny(audit)
+        await asyncio.sleep(0)
+
+    asyncio.run(run())
+    callers = [json.loads(line.split(" ", 2)[2])["caller"] for line in out.getvalue().splitlines()]
+    assert callers == ["spiffe://d/a0", "spiffe://d/a1", "spiffe://d/a2", "spiffe://d/c"]
+
+
+@pytest.mark.parametrize("interval", [-0.001, 10.5], ids=["negative", "over-ten-seconds"])
+def test_flush_interval_out_of_range_is_refused(interval: float) -> None:
+    with pytest.raises(ValueError, match="audit flush interval"):
+        Audit(interval)

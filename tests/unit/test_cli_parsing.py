@@ -149,6 +149,17 @@ def test_usage_errors_exit_2(
             ],
             "unknown event loop 'libuv': expected one of auto, uvloop, asyncio",
         ),
+        *(
+            (
+                [
+                    *("sidecar", "run", "--spiffe-id", "spiffe://test.local/agents/a"),
+                    *("--registry", "127.0.0.1:1", "--app", "127.0.0.1:2", "--data-dir", "{tmp}"),
+                    *("--credentials", "ca", "--audit-flush-ms", value),
+                ],
+                f"--audit-flush-ms '{value}': expected whole milliseconds from 0 to 10000",
+            )
+            for value in ("-1", "10001", "0.5", "soon")
+        ),
     ],
     ids=[
         "apply-missing-file",
@@ -158,6 +169,10 @@ def test_usage_errors_exit_2(
         "credentials-alone",
         "serve-uninitialised",
         "unknown-event-loop",
+        "audit-flush-negative",
+        "audit-flush-too-long",
+        "audit-flush-fraction",
+        "audit-flush-word",
     ],
 )
 def test_config_errors_exit_1_with_one_line(

@@ -354,6 +354,19 @@ def cmd_registry_serve(args: argparse.Namespace) -> int:
     return _run_until_signal(start, server.stop)
 
 
+def _audit_flush_ms(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 10_000:
+        raise ConfigError(
+            f"--audit-flush-ms {text!r}: expected whole milliseconds from 0 to 10000 "
+            "(0 writes every audit line at once)"
+        )
+    return value
+
+
 def cmd_sidecar_run(args: argparse.Namespace) -> int:
     from trustmesh.telemetry import configure_tracing
     from trustmesh_sidecar.oidc_config import load_issuers
@@ -377,6 +390,7 @@ def cmd_sidecar_run(args: argparse.Namespace) -> int:
                 "the SPIFFE Workload API; drop them, or pass --credentials ca"
             )
     loop_factory = event_loop.loop_factory(args.event_loop)  # a bad choice fails first
+    audit_flush_ms = _audit_flush_ms(args.audit_flush_ms)
     provider = configure_tracing(f"trustmesh-sidecar {args.spiffe_id or '(spiffe)'}")
     config = SidecarConfig(
         spiffe_id=SpiffeId.parse(args.spiffe_id) if args.spiffe_id else None,
@@ -395,6 +409,7 @@ def cmd_sidecar_run(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir),
         user_token_issuers=load_issuers(Path(args.oidc_issuers)) if args.oidc_issuers else (),
         engine=args.engine,
+        audit_flush_interval=audit_flush_ms / 1000,
     )
     sidecar = Sidecar(config, tracer_provider=provider)
 

@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
             "auto",
             "auto (uvloop if installed), uvloop or asyncio (ADR 0012)",
         ),
+        (
+            "--audit-flush-ms",
+            "TRUSTMESH_AUDIT_FLUSH_MS",
+            "50",
+            "how long an allowed call's audit line may wait to be written in a batch; "
+            "denials are written at once; 0: every line at once (ADR 0013)",
+        ),
     ]:
         value = _env(env, default)
         run.add_argument(flag, default=value, help=f"{help_} (${env})")
