@@ -45,16 +45,16 @@ _MALFORMED = b"\x00"  # a text value where bytes belong: let the verifier refuse
 
 def inbound_chain(
     state: SidecarState,
-    headers: Headers,
+    raw: str | bytes | None,
     caller: SpiffeId,
     method: str,
     *,
     at: datetime | None = None,
 ) -> ChainDecision:
-    """Verify the call's chain. `at` re-checks an open call as of when it started:
-    a chain's expiry gates the start of a call; agent status and policy are always
-    taken from the current snapshot."""
-    raw = hdr.value_of(headers, hdr.DELEGATION)
+    """Verify the call's chain, the `trustmesh-delegation-bin` value `raw` (None: a
+    direct call). `at` re-checks an open call as of when it started: a chain's expiry
+    gates the start of a call; agent status and policy are always taken from the
+    current snapshot."""
     if raw is None:
         return DIRECT_CALL  # what verify_chain answers, without reading the clock
     data = raw if isinstance(raw, bytes) else _MALFORMED
@@ -81,10 +81,10 @@ class Outgoing:
 
 
 def _user_origin(
-    state: SidecarState, headers: Headers
+    state: SidecarState, agent: hdr.Reserved
 ) -> tuple[UserOrigin | None, bool] | Decision:
-    explicit = hdr.value_of(headers, hdr.USER_TOKEN)
-    bearer = hdr.bearer_token(headers)
+    explicit = agent.user_token
+    bearer = agent.bearer_token()
     if explicit is None and (bearer is None or state.user_tokens is None):
         return None, False  # an app's own Authorization header is its own business
     token = explicit if explicit is not None else bearer
@@ -103,16 +103,36 @@ def _user_origin(
     return user, bearer is not None
 
 
+_NO_CHAIN = Outgoing(None, False)
+
+
 def outbound_chain(
-    state: SidecarState, headers: Headers, callee: SpiffeId, method: str, span: trace.Span
+    state: SidecarState,
+    agent: hdr.Reserved,
+    callee: SpiffeId,
+    method: str,
+    span: trace.Span,
+    *,
+    headers: Headers,
+    sign: bool | None = None,
 ) -> Outgoing | Decision:
-    origin = _user_origin(state, headers)
+    """The chain to send to `callee`, from the agent's headers (`agent`, read from
+    `headers`). `sign`: `needs_signed_hop` for the current snapshot, if known."""
+    if (
+        sign is False
+        and agent.delegation is None
+        and agent.user_token is None
+        and (agent.authorization is None or state.user_tokens is None)
+    ):
+        return _NO_CHAIN  # a direct call: mTLS says it all
+    origin = _user_origin(state, agent)
     if isinstance(origin, Decision):
         return origin
     user, drop_authorization = origin
-    raw = hdr.value_of(headers, hdr.DELEGATION)
+    raw = agent.delegation
     incoming = raw if isinstance(raw, bytes) or raw is None else _MALFORMED
-    sign = needs_signed_hop(state.snapshot, callee)
+    if sign is None:
+        sign = needs_signed_hop(state.snapshot, callee)
     if incoming is None and user is None and not sign:
         return Outgoing(None, drop_authorization)  # a direct call: mTLS says it all
     found = trace_id_of(span, headers)

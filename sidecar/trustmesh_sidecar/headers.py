@@ -24,10 +24,12 @@ __all__ = [
     "DELEGATION",
     "TARGET",
     "USER_TOKEN",
+    "Reserved",
     "bearer_token",
     "for_app",
     "for_peer",
     "kept",
+    "read",
     "strip_reserved",
     "value_of",
 ]
@@ -82,6 +84,78 @@ def _dropped(key: str) -> bool:
     return dropped
 
 
+AUTHORIZATION = "authorization"
+
+# What a key (as received, any case) is to the sidecar, memoized and bounded like
+# `_dropped`: one of the reserved keys it reads, another key it drops, or a key it
+# forwards (`_OTHER`; `authorization` is read and forwarded).
+_OTHER, _DROP, _TARGET, _DELEGATION, _USER_TOKEN, _AUTHORIZATION = range(6)
+_READ = {TARGET: _TARGET, DELEGATION: _DELEGATION, USER_TOKEN: _USER_TOKEN}
+_KINDS: dict[str, int] = {}
+
+
+def _kind(key: str) -> int:
+    kind = _KINDS.get(key)
+    if kind is None:
+        low = key.lower()
+        kind = _READ.get(low)
+        if kind is None and low == AUTHORIZATION:
+            kind = _AUTHORIZATION
+        elif kind is None:
+            kind = _DROP if _dropped(key) else _OTHER
+        if len(_KINDS) < _DROPPED_MAX:
+            _KINDS[key] = kind
+    return kind
+
+
+class Reserved:
+    """A call's headers read in one pass: the first value of each reserved key the
+    sidecar reads (matched in any case, as `value_of` does), and what `strip_reserved`
+    keeps, in order."""
+
+    __slots__ = ("authorization", "delegation", "kept", "target", "user_token")
+
+    def __init__(self) -> None:
+        self.target: str | bytes | None = None
+        self.delegation: str | bytes | None = None
+        self.user_token: str | bytes | None = None
+        self.authorization: str | bytes | None = None
+        self.kept: list[Header] = []
+
+    def bearer_token(self) -> str | None:
+        """As `bearer_token`: the token of an `authorization: Bearer ...` header."""
+        return _bearer(self.authorization)
+
+
+def read(headers: Iterable[Header]) -> Reserved:
+    out = Reserved()
+    kept = out.kept
+    kinds = _KINDS
+    for header in headers:
+        key = header[0]
+        kind = kinds.get(key)
+        if kind is None:
+            kind = _kind(key)
+        if kind == _OTHER:
+            kept.append(header)
+        elif kind == _DROP:
+            continue
+        elif kind == _TARGET:
+            if out.target is None:
+                out.target = header[1]
+        elif kind == _DELEGATION:
+            if out.delegation is None:
+                out.delegation = header[1]
+        elif kind == _USER_TOKEN:
+            if out.user_token is None:
+                out.user_token = header[1]
+        else:  # authorization: read, and forwarded unless the sidecar verified it
+            kept.append(header)
+            if out.authorization is None:
+                out.authorization = header[1]
+    return out
+
+
 def value_of(headers: Iterable[Header], key: str) -> str | bytes | None:
     """The first value of `key` (lower case), matching names in any case."""
     for k, v in headers:
@@ -103,14 +177,10 @@ def kept(headers: Headers) -> Headers:
     return headers
 
 
-AUTHORIZATION = "authorization"
-
-
-def for_peer(
-    agent_headers: Headers, chain: bytes | None, *, drop_authorization: bool
-) -> list[Header]:
-    """Headers from the agent, as sent on to the callee's sidecar, with our chain."""
-    out = strip_reserved(agent_headers)
+def for_peer(agent: Reserved, chain: bytes | None, *, drop_authorization: bool) -> list[Header]:
+    """Headers from the agent (`read`), as sent on to the callee's sidecar, with our
+    chain. `agent.kept` becomes part of the result."""
+    out = agent.kept
     if drop_authorization:  # the bearer token was ours to verify; it stops here
         out = [(k, v) for k, v in out if k.lower() != AUTHORIZATION]
     if chain is not None:
@@ -118,17 +188,21 @@ def for_peer(
     return out
 
 
-def for_app(peer_headers: Headers, caller: str, chain: Iterable[Header] = ()) -> list[Header]:
-    """Headers from a peer, as handed to the local app, with the verified chain."""
-    out = strip_reserved(peer_headers)
+def for_app(peer: Reserved, caller: str, chain: Iterable[Header] = ()) -> list[Header]:
+    """Headers from a peer (`read`), as handed to the local app, with the verified
+    chain. `peer.kept` becomes part of the result."""
+    out = peer.kept
     out.append((CALLER, caller))
     out.extend(chain)
     return out
 
 
-def bearer_token(headers: Iterable[Header]) -> str | None:
-    """The token of an `authorization: Bearer ...` header, if there is one."""
-    value = value_of(headers, AUTHORIZATION)
+def _bearer(value: str | bytes | None) -> str | None:
     if isinstance(value, str) and value[:7].lower() == "bearer ":
         return value[7:].strip()
     return None
+
+
+def bearer_token(headers: Iterable[Header]) -> str | None:
+    """The token of an `authorization: Bearer ...` header, if there is one."""
+    return _bearer(value_of(headers, AUTHORIZATION))

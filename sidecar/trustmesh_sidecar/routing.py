@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from trustmesh.authz import Target, authorize, resolve_target
 from trustmesh.decision import Decision, Reason
+from trustmesh.delegation import needs_signed_hop
 from trustmesh.errors import Code, PeerAuthenticationError, format_details, parse_details
 from trustmesh.limits import DEFAULT_LIMITS, Limits
 from trustmesh.resources import is_grpc_method
@@ -224,7 +225,8 @@ class InboundRouter:
         self._audit("inbound", caller_text, me, call.method, decision)
         if not decision.allowed:
             return _deny(spans, call, started, attributes, decision, state)
-        checked = chains.inbound_chain(state, call.headers, caller, call.method)
+        peer = hdr.read(call.headers)
+        checked = chains.inbound_chain(state, peer.delegation, caller, call.method)
         if not checked.allowed:
             self._audit("inbound", caller_text, me, call.method, checked.decision)
             return _deny(spans, call, started, attributes, checked.decision, state)
@@ -241,7 +243,7 @@ class InboundRouter:
         self._open[key] = _Open(
             caller, call.method, control, span, chain.data if chain else None, now
         )
-        app_headers = hdr.for_app(call.headers, caller_text, chain.headers() if chain else ())
+        app_headers = hdr.for_app(peer, caller_text, chain.headers() if chain else ())
         headers = inject_context(app_headers, span)
         observer = _SpanObserver(span, lambda: self._close(key))
         return Forward(self._app, tuple(headers), observer)
@@ -312,9 +314,8 @@ class InboundRouter:
             )
             if decision.allowed and entry.chain is not None:
                 # A chain naming an agent disabled since is refused, open streams too.
-                with_chain = ((hdr.DELEGATION, entry.chain),)
                 decision = chains.inbound_chain(
-                    state, with_chain, entry.caller, entry.method, at=entry.started
+                    state, entry.chain, entry.caller, entry.method, at=entry.started
                 ).decision
             if not decision.allowed:
                 self._audit(
@@ -349,6 +350,7 @@ class _Plan:
     callee: SpiffeId
     callee_text: str
     routes: tuple[tuple[str, Upstream, Callable[[], tuple[Code, str] | None]], ...]
+    sign: bool  # needs_signed_hop(snapshot, callee): whether our hop must be signed
 
 
 class OutboundRouter:
@@ -418,6 +420,7 @@ class OutboundRouter:
             callee,
             str(callee),
             tuple(routes),
+            needs_signed_hop(snapshot, callee),
         )
         if len(self._plans) >= self._MAX_PLANS:
             self._plans.clear()
@@ -453,7 +456,8 @@ class OutboundRouter:
         spans = self._spans
         me = str(state.spiffe_id)
         attributes: dict[str, Any] = {ATTR.CALLER: me}
-        target = hdr.value_of(call.headers, hdr.TARGET)
+        agent = hdr.read(call.headers)
+        target = agent.target
         decision: Decision | None = None
         if not isinstance(target, str) or not target:
             decision = Decision.deny(Reason.MISSING_TARGET, f"set the {hdr.TARGET} metadata")
@@ -492,7 +496,9 @@ class OutboundRouter:
         address, upstream, explain = plan.routes[next(self._rr) % len(plan.routes)]
         # The chain's hops carry the span's trace ID, so the span starts here.
         span = spans.start(call, started, attributes)
-        outgoing = chains.outbound_chain(state, call.headers, callee, call.method, span)
+        outgoing = chains.outbound_chain(
+            state, agent, callee, call.method, span, headers=call.headers, sign=plan.sign
+        )
         if isinstance(outgoing, Decision):
             self._audit("outbound", me, target, call.method, outgoing)
             return _end_denied(span, outgoing, state)
@@ -503,7 +509,7 @@ class OutboundRouter:
         state.counters.allowed += 1
         self._inflight += 1
         peer_headers = hdr.for_peer(
-            call.headers, outgoing.chain, drop_authorization=outgoing.drop_authorization
+            agent, outgoing.chain, drop_authorization=outgoing.drop_authorization
         )
         headers = inject_context(peer_headers, span)
         return Forward(

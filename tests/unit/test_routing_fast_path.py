@@ -303,6 +303,45 @@ def test_header_filter_keeps_the_tuple_when_nothing_is_dropped() -> None:
     assert hdr.value_of((("Trustmesh-Target", "a"),), hdr.TARGET) == "a"
 
 
+# Header lists a caller may send: reserved keys in any case, repeated, beside
+# transport headers and the app's own; `hdr.read` must agree with the per-key scans.
+READ_CASES = {
+    "empty": (),
+    "app-only": (("x-app", "1"), ("x-app", "2"), ("other-bin", b"\x00")),
+    "target-and-transport": (
+        ("content-type", "application/grpc"), ("trustmesh-target", "bob"), ("te", "trailers"),
+        ("user-agent", "grpc-python"), ("grpc-timeout", "5S"), ("x-app", "1"),
+    ),
+    "any-case-first-wins": (
+        ("TrustMesh-Target", "first"), ("trustmesh-target", "second"),
+        ("Trustmesh-Delegation-Bin", b"\x01"), ("trustmesh-delegation-bin", b"\x02"),
+    ),
+    "forged-reserved": (("trustmesh-caller", "spiffe://evil/x"), ("TRUSTMESH-ORIGIN", "u")),
+    "authorization-kept": (("Authorization", "Bearer  tok "), ("authorization", "Basic x")),
+    "user-token-and-text-chain": (
+        ("trustmesh-user-token", "jwt"), ("trustmesh-delegation-bin", "not-bytes"),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("headers", list(READ_CASES.values()), ids=list(READ_CASES))
+def test_one_pass_read_agrees_with_the_per_key_scans(
+    headers: tuple[tuple[str, str | bytes], ...],
+) -> None:
+    got = hdr.read(headers)
+    assert got.target == hdr.value_of(headers, hdr.TARGET)
+    assert got.delegation == hdr.value_of(headers, hdr.DELEGATION)
+    assert got.user_token == hdr.value_of(headers, hdr.USER_TOKEN)
+    assert got.authorization == hdr.value_of(headers, "authorization")
+    assert got.bearer_token() == hdr.bearer_token(headers)
+    assert got.kept == hdr.strip_reserved(headers)
+    app = hdr.for_app(hdr.read(headers), "spiffe://d/a")
+    assert app == [*hdr.strip_reserved(headers), (hdr.CALLER, "spiffe://d/a")]
+    peer = hdr.for_peer(hdr.read(headers), b"chain", drop_authorization=True)
+    assert all(k.lower() != "authorization" for k, _ in peer)
+    assert peer[-1] == (hdr.DELEGATION, b"chain")
+
+
 @pytest.mark.parametrize(
     "headers",
     [
