@@ -23,6 +23,7 @@ __all__ = [
     "CALLER",
     "DELEGATION",
     "TARGET",
+    "TRANSPORT",
     "USER_TOKEN",
     "Reserved",
     "bearer_token",
@@ -40,8 +41,9 @@ CALLER = "trustmesh-caller"
 DELEGATION = "trustmesh-delegation-bin"
 USER_TOKEN = "trustmesh-user-token"  # noqa: S105 (a header name)
 
-# Set by grpc itself; forwarding them as metadata would be rejected or wrong.
-_TRANSPORT = frozenset(
+# Set by grpc itself; forwarding them as metadata would be rejected or wrong. (The h2
+# engine never makes them metadata in the first place: `grpc_wire`.)
+TRANSPORT = _TRANSPORT = frozenset(
     {
         "content-type",
         "te",

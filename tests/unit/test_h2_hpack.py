@@ -224,7 +224,7 @@ TRAILERS = ((b"grpc-status", b"5"), (b"grpc-message", b"no%20such"), (b"x-t", b"
         (
             (RESPONSE, False),
             (RESPONSE, False),
-            (200, None, (("content-type", "application/grpc"), ("x-a", "v"))),
+            (200, None, (("x-a", "v"),)),  # content-type is transport, not metadata
         ),
         ((TRAILERS, True), (TRAILERS, True), (None, 5, (("x-t", "w"),))),
         ((RESPONSE, False), (RESPONSE, True), "unexpected pseudo-header"),
@@ -267,13 +267,43 @@ MALFORMED = {
     "newline-in-value": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"x-a", b"a\r\nb: c")),
     "nul-in-text-value": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"x-a", b"\x00ab")),
     "bad-base64": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"x-bin", b"!!")),
-}
+    # Transport fields are not metadata, but they are checked as strictly.
+    "pseudo-after-transport": ((b":method", b"POST"), (b"te", b"trailers"), (b":path", b"/a")),
+    "nul-in-user-agent": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"user-agent", b"a\x00")),
+    "newline-in-timeout": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"grpc-timeout", b"1S\n")),
+    "bad-base64-transport-bin": ((b":method", b"POST"), (b":path", b"/a"), (b"grpc-trace-bin", b"!!")),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_requests(raw: tuple[tuple[bytes, bytes], ...]) -> None:
     with pytest.raises(wire.Malformed):
         wire.parse_request(raw)
+
+
+def test_transport_fields_are_read_never_metadata() -> None:
+    raw = (
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/a.B/C"),
+        (b":authority", b"localhost"), (b"grpc-timeout", b"250m"), (b"te", b"trailers"),
+        (b"content-type", b"application/grpc+proto"), (b"user-agent", b"grpc-python/1"),
+        (b"grpc-encoding", b"gzip"), (b"grpc-accept-encoding", b"identity,gzip"),
+        (b"grpc-trace-bin", b"\x00\x01"), (b"x-app", b"1"), (b"trustmesh-target", b"bob"),
+    )  # fmt: skip
+    for _ in range(2):  # the second time from the caches
+        req = wire.parse_request(raw)
+        assert req.metadata == (("x-app", "1"), ("trustmesh-target", "bob"))
+        assert (req.timeout, req.content_type) == (0.25, b"application/grpc+proto")
+        assert (req.encoding, req.accept_encoding) == (b"gzip", b"identity,gzip")
+    resp = wire.parse_response(
+        ((b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-encoding", b"gzip"),
+         (b"x-r", b"2")),
+        trailers=False,
+    )  # fmt: skip
+    assert (resp.metadata, resp.content_type, resp.encoding) == (
+        (("x-r", "2"),),
+        b"application/grpc",
+        b"gzip",
+    )
 
 
 @pytest.mark.parametrize(

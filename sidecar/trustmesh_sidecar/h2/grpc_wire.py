@@ -7,6 +7,9 @@ Pure functions over decoded header lists; nothing here does I/O.
 * A request is malformed (RFC 9113 8.2, 8.3) when a field name has upper-case letters
   or is connection-specific, a pseudo-header is unknown, repeated or after a regular
   field, or a value holds NUL, CR or LF. The message says which.
+* Transport fields (`headers.TRANSPORT`: content-type, te, grpc-timeout, user-agent,
+  ...) are checked and read here, and never become metadata: the routers would drop
+  them, and every pass over a call's metadata is shorter without them.
 * Except `:path`: like a gRPC server, which looks any path up as a method name, the
   engine hands it (UTF-8) to the router, which refuses a malformed one as `bad_method`
   (INVALID_ARGUMENT, as on the grpcio engine). `forwardable_path` is the engine's own
@@ -25,6 +28,7 @@ from trustmesh.errors import Code
 from trustmesh_sidecar.engine import Header, Headers
 from trustmesh_sidecar.h2.frames import ErrorCode
 from trustmesh_sidecar.h2.hpack_cache import RawHeaders
+from trustmesh_sidecar.headers import TRANSPORT
 
 __all__ = [
     "Malformed",
@@ -57,6 +61,7 @@ _IN: dict[tuple[bytes, bytes], Header] = {}
 _OUT: dict[Header, tuple[bytes, bytes] | None] = {}
 # Request pseudo-header fields (other than :path) whose values were checked.
 _PSEUDO_OK: set[tuple[bytes, bytes]] = set()
+_TRANSPORT_NAMES = frozenset(name.encode() for name in TRANSPORT)
 _TIMEOUT_RE = re.compile(r"([0-9]{1,8})([HMSmun])")
 _UNIT = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
@@ -122,25 +127,35 @@ def _regular(name: bytes, value: bytes) -> Header:
         raise Malformed(f"illegal value for header {name.decode()!r}")
     else:
         header = _to_metadata(name, value)
-    if name not in _UNCACHED:
+    if name not in _UNCACHED and name not in _TRANSPORT_NAMES:
         if len(_IN) >= _CACHE_ENTRIES:
             _IN.clear()
         _IN[field] = header
     return header
 
 
+def _check_transport(name: bytes, value: bytes) -> None:
+    """A transport field's value is checked as a metadata value would be."""
+    if name.endswith(b"-bin"):
+        _regular(name, value)  # true binary or valid base64
+    elif not _value_ok(value):
+        raise Malformed(f"illegal value for header {name.decode()!r}")
+
+
 def parse_request(raw: RawHeaders) -> Request:
     """The request's fields; raises `Malformed` with a message for a bad header list."""
     pseudo: dict[bytes, bytes] = {}
     metadata: list[Header] = []
+    regular = False
     content_type = timeout = encoding = accept = None
     for field in raw:
-        name, value = field
+        name = field[0]
         if name[:1] == b":":
-            if metadata:
+            if regular:
                 raise Malformed("pseudo-header after a regular header")
             if name not in _REQUEST_PSEUDO or name in pseudo:
                 raise Malformed(f"unexpected pseudo-header {name[:32]!r}")
+            value = field[1]
             if name != b":path" and field not in _PSEUDO_OK:
                 if not _value_ok(value):
                     raise Malformed(f"illegal value for {name.decode()}")
@@ -149,20 +164,26 @@ def parse_request(raw: RawHeaders) -> Request:
                 _PSEUDO_OK.add(field)
             pseudo[name] = value
             continue
-        header = _IN.get(field)
-        if header is None:
-            header = _regular(name, value)
-        if name == b"te" and value != b"trailers":
-            raise Malformed("te other than 'trailers'")
-        if name == b"content-type":
-            content_type = value
-        elif name == b"grpc-timeout":
-            timeout = value
-        elif name == b"grpc-encoding":
-            encoding = value
-        elif name == b"grpc-accept-encoding":
-            accept = value
-        metadata.append(header)
+        regular = True
+        header = _IN.get(field)  # metadata checked before (never a transport field)
+        if header is not None:
+            metadata.append(header)
+        elif name in _TRANSPORT_NAMES:
+            value = field[1]
+            _check_transport(name, value)
+            if name == b"grpc-timeout":
+                timeout = value
+            elif name == b"te":
+                if value != b"trailers":
+                    raise Malformed("te other than 'trailers'")
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"grpc-encoding":
+                encoding = value
+            elif name == b"grpc-accept-encoding":
+                accept = value
+        else:
+            metadata.append(_regular(name, field[1]))
     if pseudo.get(b":method") != b"POST":
         raise Malformed("gRPC requires :method POST")
     path = pseudo.get(b":path")
@@ -225,8 +246,13 @@ def _parse_response(raw: RawHeaders, trailers: bool) -> Response:
             status = int(value)
             continue
         header = _IN.get(field)
-        if header is None:
-            header = _regular(name, value)
+        if header is not None:
+            metadata.append(header)  # metadata checked before (never a transport field)
+            continue
+        if name not in _TRANSPORT_NAMES:
+            metadata.append(_regular(name, value))
+            continue
+        _check_transport(name, value)
         if name == b"grpc-status":
             grpc_status = int(value) if value.isdigit() and len(value) <= 3 else Code.UNKNOWN.value
             continue
@@ -243,7 +269,6 @@ def _parse_response(raw: RawHeaders, trailers: bool) -> Response:
             encoding = value
         elif name == b"grpc-accept-encoding":
             accept = value
-        metadata.append(header)
     if not trailers and status is None:
         raise Malformed("response without :status")
     return Response(
