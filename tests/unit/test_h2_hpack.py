@@ -68,19 +68,55 @@ def test_decoder_matches_the_reference_across_blocks(
             assert size == sum(len(n) + len(v) + 32 for n, v in expected)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(header_lists, st.sampled_from([None, 0, 256, 4096])), max_size=12))
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(header_lists, st.sampled_from([None, 0, 256, 4096]), st.booleans()),
+        max_size=12,
+    )
+)
 def test_encoder_output_decodes_to_its_input(
-    blocks: list[tuple[list[tuple[bytes, bytes]], int | None]],
+    blocks: list[tuple[list[tuple[bytes, bytes]], int | None, bool]],
 ) -> None:
+    """Lists are encoded field by field; tuples are also cached whole, so a block
+    remembered across a table change would decode to something else here."""
     ours, reference = HeaderEncoder(), hpack.Decoder()
-    for headers, table_size in blocks:
+    for headers, table_size, as_tuple in blocks:
         if table_size is not None:
             ours.set_table_size(table_size)
         for _ in range(2):
-            block = ours.encode(headers)
+            block = ours.encode(tuple(headers) if as_tuple else headers)
             got = [(bytes(n), bytes(v)) for n, v in reference.decode(block, raw=True)]
             assert got == headers
+
+
+X_A = ((b"x-a", b"v"),)
+CACHED_BLOCKS = {
+    # x-a is indexed by the first block; the second is then cached whole.
+    "new-entry-shifts-indices": [X_A, X_A, ((b"x-b", b"w"),), X_A],
+    "table-resized": [X_A, X_A, "resize", X_A],
+    "entry-evicted": [X_A, X_A, tuple((b"x-%d" % i, b"b" * 100) for i in range(40)), X_A],
+    "sensitive-never-cached": [((b"authorization", b"t"),)] * 3,
+}
+
+
+@pytest.mark.parametrize("sequence", list(CACHED_BLOCKS.values()), ids=list(CACHED_BLOCKS))
+def test_a_block_cached_whole_is_not_reused_once_the_table_changed(
+    sequence: list[tuple[tuple[bytes, bytes], ...] | str],
+) -> None:
+    ours, reference = HeaderEncoder(), hpack.Decoder()
+    resized = False
+    for headers in sequence:
+        if headers == "resize":
+            ours.set_table_size(0)
+            resized = True
+            continue
+        assert isinstance(headers, tuple)
+        block = ours.encode(headers)
+        if resized:  # the next block starts with the table size update (RFC 7541 6.3)
+            assert block[0] & 0xE0 == 0x20
+            resized = False
+        assert [(bytes(n), bytes(v)) for n, v in reference.decode(block, raw=True)] == list(headers)
 
 
 @settings(max_examples=500, deadline=None)

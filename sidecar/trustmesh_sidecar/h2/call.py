@@ -33,7 +33,7 @@ from trustmesh_sidecar.h2 import grpc_wire as wire
 from trustmesh_sidecar.h2.connection import CONNECTION_LOST, H2Connection
 from trustmesh_sidecar.h2.frames import ErrorCode
 from trustmesh_sidecar.h2.hpack_cache import RawHeaders
-from trustmesh_sidecar.h2.streams import Fields, Stream
+from trustmesh_sidecar.h2.streams import Block, Fields, Stream
 
 __all__ = ["Call", "MessageMeter", "reject", "trailers_only"]
 
@@ -309,17 +309,20 @@ class Call:
                 )
                 return
             if not end:
-                observer = self.fwd.observer
-                fields: Fields = [
-                    (b":status", b"200"),
-                    (b"content-type", resp.content_type or b"application/grpc"),
-                ]
-                if resp.encoding is not None:
-                    fields.append((b"grpc-encoding", resp.encoding))
-                if resp.accept_encoding is not None:
-                    fields.append((b"grpc-accept-encoding", resp.accept_encoding))
-                fields += wire.metadata_fields(observer.response_headers(resp.metadata))
-                self.down.send_headers(fields, False)
+                metadata = self.fwd.observer.response_headers(resp.metadata)
+                if metadata is resp.metadata:  # kept as it is (the usual case)
+                    self.down.send_headers(wire.headers_out(resp), False)
+                else:
+                    fields: Fields = [
+                        (b":status", b"200"),
+                        (b"content-type", resp.content_type or b"application/grpc"),
+                    ]
+                    if resp.encoding is not None:
+                        fields.append((b"grpc-encoding", resp.encoding))
+                    if resp.accept_encoding is not None:
+                        fields.append((b"grpc-accept-encoding", resp.accept_encoding))
+                    fields += wire.metadata_fields(metadata)
+                    self.down.send_headers(fields, False)
                 self.headers_out = True
                 return
         elif not end:
@@ -345,9 +348,18 @@ class Call:
         """The upstream's trailers (or trailers-only answer): the call's status."""
         code = wire.grpc_code(resp.grpc_status)
         details = resp.grpc_message
+        explained = False
         if code is Code.UNAVAILABLE and self.fwd.explain_unavailable is not None:
-            code, details = self.fwd.explain_unavailable() or (code, details)
+            explanation = self.fwd.explain_unavailable()
+            if explanation is not None:
+                code, details = explanation
+                explained = True
         metadata = self.fwd.observer.response_headers(resp.metadata)
+        if self.headers_out and not explained and metadata is resp.metadata:
+            # Its own status, message and metadata (the usual case): shared fields.
+            self._end_down(wire.trailers_out(resp))
+            self._end(code, details)
+            return
         if self.headers_out:
             fields: Fields = [(b"grpc-status", b"%d" % code.value)]
             if details:
@@ -393,7 +405,7 @@ class Call:
         self._end_down(fields)
         self._end(code, details)
 
-    def _end_down(self, fields: Fields) -> None:
+    def _end_down(self, fields: Block) -> None:
         down = self.down
         down.handler = None
         down.send_headers(fields, True)

@@ -37,7 +37,7 @@ from trustmesh_sidecar.h2.config import H2Config
 from trustmesh_sidecar.h2.frames import ErrorCode, ProtocolError, Setting
 from trustmesh_sidecar.h2.hpack_cache import HeaderDecoder, HeaderEncoder, RawHeaders
 from trustmesh_sidecar.h2.receive import DRAIN_PING, Bucket, FrameReceiver
-from trustmesh_sidecar.h2.streams import Fields, Stream, StreamHandler
+from trustmesh_sidecar.h2.streams import Block, Stream, StreamHandler
 
 __all__ = ["CONNECTION_LOST", "H2Connection", "RequestHandler"]
 
@@ -343,7 +343,7 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
 
     # -- frames out ---------------------------------------------------------------------
 
-    def write_headers(self, sid: int, fields: Fields, end: bool) -> None:
+    def write_headers(self, sid: int, fields: Block, end: bool) -> None:
         block = self._henc.encode(fields)
         self._write(f.headers_frames(sid, block, end, self.peer_max_frame))
 

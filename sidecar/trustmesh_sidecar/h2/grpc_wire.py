@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -39,12 +40,14 @@ __all__ = [
     "format_timeout",
     "forwardable_path",
     "grpc_code",
+    "headers_out",
     "metadata_fields",
     "parse_request",
     "parse_response",
     "parse_timeout",
     "status_of_http",
     "status_of_reset",
+    "trailers_out",
 ]
 
 _CONNECTION_SPECIFIC = frozenset(
@@ -89,6 +92,14 @@ class Response:
     content_type: bytes | None
     encoding: bytes | None
     accept_encoding: bytes | None
+    # The fields sent downstream for it, as `headers_out` and `trailers_out` made them.
+    # Remembered responses are shared: so are these, and the encoder caches tuples.
+    headers_fields: tuple[tuple[bytes, bytes], ...] | None = dataclasses.field(
+        default=None, compare=False
+    )
+    trailers_fields: tuple[tuple[bytes, bytes], ...] | None = dataclasses.field(
+        default=None, compare=False
+    )
 
 
 class Malformed(ValueError):
@@ -274,6 +285,38 @@ def _parse_response(raw: RawHeaders, trailers: bool) -> Response:
     return Response(
         status, tuple(metadata), grpc_status, message, details, content_type, encoding, accept
     )
+
+
+def headers_out(resp: Response) -> tuple[tuple[bytes, bytes], ...]:
+    """The response headers sent downstream for `resp` with its own metadata."""
+    out = resp.headers_fields
+    if out is None:
+        fields = [
+            (b":status", b"200"),
+            (b"content-type", resp.content_type or b"application/grpc"),
+        ]
+        if resp.encoding is not None:
+            fields.append((b"grpc-encoding", resp.encoding))
+        if resp.accept_encoding is not None:
+            fields.append((b"grpc-accept-encoding", resp.accept_encoding))
+        fields += metadata_fields(resp.metadata)
+        out = resp.headers_fields = tuple(fields)
+    return out
+
+
+def trailers_out(resp: Response) -> tuple[tuple[bytes, bytes], ...]:
+    """The trailers sent downstream after response headers for `resp`, with its own
+    status, message and metadata."""
+    out = resp.trailers_fields
+    if out is None:
+        fields = [(b"grpc-status", b"%d" % grpc_code(resp.grpc_status).value)]
+        if resp.grpc_message:
+            fields.append((b"grpc-message", encode_message(resp.grpc_message)))
+        fields += metadata_fields(resp.metadata)
+        if resp.details_bin is not None:
+            fields.append((b"grpc-status-details-bin", resp.details_bin))
+        out = resp.trailers_fields = tuple(fields)
+    return out
 
 
 _MISSING = (b"?", b"")  # compared by identity: not cached yet

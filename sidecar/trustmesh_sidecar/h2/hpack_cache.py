@@ -15,6 +15,9 @@ the version it was made at and is used only while the table still has it.
 * Encoding: each field's bytes are cached when encoding it did not change the table.
   Values that change on every call (`VOLATILE`) are sent as never-indexed literals,
   so they neither churn the table nor defeat the caches of the fields around them.
+  A block given as a tuple (one the engine sends again and again, e.g. the response
+  headers an app answers every call with) is cached whole, the same way, unless it
+  holds a volatile or sensitive field.
 
 Limits: a block that inflates beyond `hard_limit` bytes (RFC 9113 header list size)
 is a connection error (`HeaderError`), since the table may now be out of step. The
@@ -48,6 +51,7 @@ _STATIC = HeaderTable.STATIC_TABLE
 _STATIC_LEN = len(_STATIC)
 
 _CACHE_ENTRIES = 512
+_BLOCK_ENTRIES = 256
 _HUFFMAN_ENTRIES = 2048
 _HUFFMAN_MAX_BYTES = 256  # longer strings are rare and decoded each time
 # Values longer than this are sent as literals without indexing and without Huffman:
@@ -202,12 +206,30 @@ class HeaderEncoder:
         self._table = _VersionedTable()
         self._enc.header_table = self._table
         self._fields: dict[tuple[bytes, bytes], tuple[int, bytes]] = {}
+        self._blocks: dict[tuple[tuple[bytes, bytes], ...], tuple[int, bytes]] = {}
 
     def set_table_size(self, size: int) -> None:
         """The peer's SETTINGS_HEADER_TABLE_SIZE; we never use more than 4096."""
         self._enc.header_table_size = min(size, 4096)
 
     def encode(
+        self, headers: Iterable[tuple[bytes, bytes]] | Sequence[tuple[bytes, bytes]]
+    ) -> bytes:
+        if type(headers) is not tuple:
+            return self._encode(headers)
+        table = self._table
+        hit = self._blocks.get(headers)
+        if hit is not None and hit[0] == table.version and not table.resized:
+            return hit[1]
+        before = table.version
+        block = self._encode(headers)
+        if table.version == before and not any(name in _LITERAL for name, _ in headers):
+            if len(self._blocks) >= _BLOCK_ENTRIES:
+                self._blocks.clear()
+            self._blocks[headers] = (before, block)
+        return block
+
+    def _encode(
         self, headers: Iterable[tuple[bytes, bytes]] | Sequence[tuple[bytes, bytes]]
     ) -> bytes:
         enc, table, cache = self._enc, self._table, self._fields

@@ -17,6 +17,7 @@ was credited the first time and is never credited twice.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from trustmesh_sidecar.h2.hpack_cache import RawHeaders
@@ -24,11 +25,14 @@ from trustmesh_sidecar.h2.hpack_cache import RawHeaders
 if TYPE_CHECKING:
     from trustmesh_sidecar.h2.connection import H2Connection
 
-__all__ = ["Stream", "StreamHandler"]
+__all__ = ["Block", "Fields", "Stream", "StreamHandler"]
 
 _HEADERS, _DATA, _RESET, _REPLAYED = 0, 1, 2, 3
 
 Fields = list[tuple[bytes, bytes]]
+# A header block to send: a list built for one call, or a tuple that is sent again and
+# again (its encoding is then remembered: `HeaderEncoder`).
+Block = Sequence[tuple[bytes, bytes]]
 
 
 class StreamHandler(Protocol):
@@ -79,7 +83,7 @@ class Stream:
     # With nothing queued, `send_*` write at once what `flush` would write first (the
     # common case); anything else goes through the queue.
 
-    def send_headers(self, fields: Fields, end: bool) -> None:
+    def send_headers(self, fields: Block, end: bool) -> None:
         conn = self.conn
         if self.local_done or conn.closed:
             return
@@ -170,7 +174,7 @@ class Stream:
                     self._credit_source(n)
             elif kind == _HEADERS:
                 q.popleft()
-                assert isinstance(payload, list)
+                assert isinstance(payload, (list, tuple))
                 conn.write_headers(self.id, payload, end)
             else:
                 q.popleft()
