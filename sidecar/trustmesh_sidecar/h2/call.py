@@ -32,7 +32,7 @@ from trustmesh_sidecar.engine import Forward, Headers
 from trustmesh_sidecar.h2 import grpc_wire as wire
 from trustmesh_sidecar.h2.connection import CONNECTION_LOST, H2Connection
 from trustmesh_sidecar.h2.frames import ErrorCode
-from trustmesh_sidecar.h2.hpack_cache import RawHeaders
+from trustmesh_sidecar.h2.hpack_cache import RawHeaders, SplitBlock
 from trustmesh_sidecar.h2.streams import Block, Fields, Stream
 
 __all__ = ["Call", "MessageMeter", "reject", "trailers_only"]
@@ -77,6 +77,35 @@ class MessageMeter:
                 if length > self.limit:
                     return length
         return None
+
+
+# The fields that open a request upstream, by what they hold: the same few on call
+# after call, so each is one tuple (its block then encoded once per table state).
+# Bounded; paths longer than _HEAD_MAX_PATH are not remembered.
+_HEADS: dict[tuple[bytes, str, str, bytes], tuple[tuple[bytes, bytes], ...]] = {}
+_HEADS_MAX = 256
+_HEAD_MAX_PATH = 256
+
+
+def _request_head(
+    scheme: bytes, path: str, authority: str, content_type: bytes
+) -> tuple[tuple[bytes, bytes], ...]:
+    key = (scheme, path, authority, content_type)
+    head = _HEADS.get(key)
+    if head is None:
+        head = (
+            (b":method", b"POST"),
+            (b":scheme", scheme),
+            (b":path", path.encode("ascii")),
+            (b":authority", authority.encode("latin-1")),
+            (b"content-type", content_type),
+            (b"te", b"trailers"),
+        )
+        if len(path) <= _HEAD_MAX_PATH:
+            if len(_HEADS) >= _HEADS_MAX:
+                _HEADS.clear()
+            _HEADS[key] = head
+    return head
 
 
 def trailers_only(code: Code, details: str, metadata: Headers = ()) -> Fields:
@@ -236,14 +265,8 @@ class Call:
         self.up = up
         up.source, self.down.source = self.down, up
         req = self.request
-        fields: Fields = [
-            (b":method", b"POST"),
-            (b":scheme", self.scheme),
-            (b":path", req.path.encode("ascii")),
-            (b":authority", self.fwd.upstream.address.encode("latin-1")),
-            (b"content-type", req.content_type),
-            (b"te", b"trailers"),
-        ]
+        head = _request_head(self.scheme, req.path, self.fwd.upstream.address, req.content_type)
+        fields: Fields = []
         if self.deadline is not None:
             left = self.deadline - self._loop.time()
             fields.append((b"grpc-timeout", wire.format_timeout(max(left, 0.001)).encode()))
@@ -252,7 +275,7 @@ class Call:
         if req.accept_encoding is not None:
             fields.append((b"grpc-accept-encoding", req.accept_encoding))
         fields += wire.metadata_fields(self.fwd.headers)
-        up.send_headers(fields, False)
+        up.send_headers(SplitBlock(head, fields), False)
         pending, self._pending = self._pending, []
         for data, end, credited in pending:
             up.send_data(data, end, credited=credited)

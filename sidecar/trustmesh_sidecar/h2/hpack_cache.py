@@ -27,12 +27,20 @@ soft per-call limit is checked by the caller on the decoded list.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple, cast
 
 from hpack import Encoder, HPACKError
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
-__all__ = ["VOLATILE", "HeaderDecoder", "HeaderEncoder", "HeaderError", "RawHeaders"]
+__all__ = [
+    "VOLATILE",
+    "HeaderDecoder",
+    "HeaderEncoder",
+    "HeaderError",
+    "RawHeaders",
+    "SplitBlock",
+]
 
 RawHeaders = tuple[tuple[bytes, bytes], ...]
 
@@ -58,6 +66,14 @@ _HUFFMAN_MAX_BYTES = 256  # longer strings are rare and decoded each time
 # Huffman-coding 2.4 KB of base64 in Python costs ~800 us for ~20% fewer bytes, and a
 # long value would push the useful entries out of the 4 KiB table.
 _PLAIN_VALUE_BYTES = 128
+
+
+class SplitBlock(NamedTuple):
+    """A header block in two parts: `head`, the same tuple on call after call (encoded
+    once per table state, as a tuple block is), then `tail`, this call's fields."""
+
+    head: tuple[tuple[bytes, bytes], ...]
+    tail: list[tuple[bytes, bytes]]
 
 
 class HeaderError(Exception):
@@ -213,10 +229,20 @@ class HeaderEncoder:
         self._enc.header_table_size = min(size, 4096)
 
     def encode(
-        self, headers: Iterable[tuple[bytes, bytes]] | Sequence[tuple[bytes, bytes]]
+        self,
+        headers: Iterable[tuple[bytes, bytes]] | Sequence[tuple[bytes, bytes]] | SplitBlock,
     ) -> bytes:
-        if type(headers) is not tuple:
-            return self._encode(headers)
+        """One header block. A tuple is cached whole; a `SplitBlock` (a `head` tuple and
+        a `tail`) is encoded as its head, cached whole, followed by its tail."""
+        kind = type(headers)
+        if kind is SplitBlock:
+            split = cast(SplitBlock, headers)
+            return self._whole(split.head) + self._encode(split.tail)
+        if kind is tuple:
+            return self._whole(cast(tuple[tuple[bytes, bytes], ...], headers))
+        return self._encode(cast(Iterable[tuple[bytes, bytes]], headers))
+
+    def _whole(self, headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
         table = self._table
         hit = self._blocks.get(headers)
         if hit is not None and hit[0] == table.version and not table.resized:

@@ -20,19 +20,21 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from trustmesh_sidecar.h2.hpack_cache import RawHeaders
+from trustmesh_sidecar.h2.hpack_cache import RawHeaders, SplitBlock
 
 if TYPE_CHECKING:
     from trustmesh_sidecar.h2.connection import H2Connection
 
-__all__ = ["Block", "Fields", "Stream", "StreamHandler"]
+__all__ = ["Block", "Fields", "SplitBlock", "Stream", "StreamHandler"]
 
 _HEADERS, _DATA, _RESET, _REPLAYED = 0, 1, 2, 3
 
 Fields = list[tuple[bytes, bytes]]
-# A header block to send: a list built for one call, or a tuple that is sent again and
-# again (its encoding is then remembered: `HeaderEncoder`).
-Block = Sequence[tuple[bytes, bytes]]
+
+
+# A header block to send: a list built for one call, a tuple that is sent again and
+# again (its encoding is then remembered: `HeaderEncoder`), or both in a `SplitBlock`.
+Block = Sequence[tuple[bytes, bytes]] | SplitBlock
 
 
 class StreamHandler(Protocol):
