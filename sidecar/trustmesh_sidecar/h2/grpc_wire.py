@@ -62,8 +62,10 @@ _UNCACHED = frozenset({b"grpc-timeout", b"traceparent", b"tracestate", b"grpc-me
 _CACHE_ENTRIES = 4096
 _IN: dict[tuple[bytes, bytes], Header] = {}
 _OUT: dict[Header, tuple[bytes, bytes] | None] = {}
-# Request pseudo-header fields (other than :path) whose values were checked.
+# Request pseudo-header fields (other than :path) whose values were checked, and
+# transport fields (other than those new on every call).
 _PSEUDO_OK: set[tuple[bytes, bytes]] = set()
+_TRANSPORT_OK: set[tuple[bytes, bytes]] = set()
 _TRANSPORT_NAMES = frozenset(name.encode() for name in TRANSPORT)
 _TIMEOUT_RE = re.compile(r"([0-9]{1,8})([HMSmun])")
 _UNIT = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
@@ -179,35 +181,46 @@ def parse_request(raw: RawHeaders) -> Request:
         header = _IN.get(field)  # metadata checked before (never a transport field)
         if header is not None:
             metadata.append(header)
-        elif name in _TRANSPORT_NAMES:
-            value = field[1]
-            _check_transport(name, value)
-            if name == b"grpc-timeout":
-                timeout = value
-            elif name == b"te":
-                if value != b"trailers":
-                    raise Malformed("te other than 'trailers'")
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"grpc-encoding":
-                encoding = value
-            elif name == b"grpc-accept-encoding":
-                accept = value
-        else:
+            continue
+        if name not in _TRANSPORT_NAMES:
             metadata.append(_regular(name, field[1]))
+            continue
+        value = field[1]
+        if name == b"grpc-timeout":  # new on every call: checked by parse_timeout below
+            timeout = value
+            continue
+        if field not in _TRANSPORT_OK:
+            _check_transport(name, value)
+            if name == b"te" and value != b"trailers":
+                raise Malformed("te other than 'trailers'")
+            if not name.endswith(b"-bin") and name not in _UNCACHED:
+                if len(_TRANSPORT_OK) >= _CACHE_ENTRIES:
+                    _TRANSPORT_OK.clear()
+                _TRANSPORT_OK.add(field)
+        if name == b"content-type":
+            content_type = value
+        elif name == b"grpc-encoding":
+            encoding = value
+        elif name == b"grpc-accept-encoding":
+            accept = value
     if pseudo.get(b":method") != b"POST":
         raise Malformed("gRPC requires :method POST")
     path = pseudo.get(b":path")
     if not path:
         raise Malformed("missing :path")
+    seconds = None
+    if timeout is not None:
+        seconds = parse_timeout(timeout.decode("latin-1"))
+        if seconds is None:
+            _check_transport(b"grpc-timeout", timeout)  # else not a timeout: none is set
     return Request(
-        path=path.decode("utf-8", "replace"),
-        authority=pseudo.get(b":authority", b"").decode("latin-1"),
-        metadata=tuple(metadata),
-        content_type=content_type or b"application/grpc",
-        timeout=parse_timeout(timeout.decode("latin-1")) if timeout is not None else None,
-        encoding=encoding,
-        accept_encoding=accept,
+        path.decode("utf-8", "replace"),
+        pseudo.get(b":authority", b"").decode("latin-1"),
+        tuple(metadata),
+        content_type or b"application/grpc",
+        seconds,
+        encoding,
+        accept,
     )
 
 
