@@ -66,7 +66,9 @@ class _SpanObserver:
             return
         self._done = True
         span = self._span
-        if code is Code.OK:
+        if not span.is_recording():  # no span (tracing off) or one sampled out
+            pass
+        elif code is Code.OK:
             span.set_attribute(ATTR.RPC_STATUS, code.value)
         else:
             attrs: dict[str, Any] = {ATTR.RPC_STATUS: code.value}
@@ -78,8 +80,40 @@ class _SpanObserver:
             span.set_attributes(attrs)
             span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"[:256]))
         span.end()
+        self._ended()
+
+    def _ended(self) -> None:
         if self._on_end is not None:
             self._on_end()
+
+
+class _InboundCall(_SpanObserver):
+    """An open inbound call: its observer, and what revalidation needs to re-decide it."""
+
+    __slots__ = ("caller", "chain", "control", "key", "method", "open_calls", "started")
+
+    def __init__(
+        self,
+        span: trace.Span,
+        open_calls: dict[int, _InboundCall],
+        key: int,
+        caller: SpiffeId,
+        method: str,
+        control: CallControl,
+        chain: bytes | None,
+        started: datetime,
+    ) -> None:
+        super().__init__(span)
+        self.open_calls = open_calls
+        self.key = key
+        self.caller = caller
+        self.method = method
+        self.control = control
+        self.chain = chain
+        self.started = started
+
+    def _ended(self) -> None:
+        self.open_calls.pop(self.key, None)
 
 
 class _Spans:
@@ -112,6 +146,11 @@ class _Spans:
             if len(self._methods) < self._MAX_METHODS:
                 self._methods[path] = found
         return found
+
+    @property
+    def seen(self) -> bool:
+        """Whether anyone records the spans (read per call: see `span_seen`)."""
+        return span_seen(self._tracer)
 
     def start(self, call: CallStart, start_time: int, attributes: dict[str, Any]) -> trace.Span:
         """The call's span, started at `start_time` (ns) with these attributes too."""
@@ -168,16 +207,6 @@ def _end_denied(span: trace.Span, decision: Decision, state: SidecarState) -> Re
     return Reject(code, details)
 
 
-@dataclass(slots=True)
-class _Open:
-    caller: SpiffeId
-    method: str
-    control: CallControl
-    span: trace.Span
-    chain: bytes | None
-    started: datetime
-
-
 class InboundRouter:
     def __init__(
         self,
@@ -198,7 +227,7 @@ class InboundRouter:
             tuple[SpiffeId, SpiffeId, str], tuple[Snapshot, int, Decision, datetime | None]
         ] = {}
         self._limits = limits
-        self._open: dict[int, _Open] = {}
+        self._open: dict[int, _InboundCall] = {}
         self._ids = itertools.count()
         state.on_snapshot(self.revalidate)
 
@@ -231,25 +260,24 @@ class InboundRouter:
             self._audit("inbound", caller_text, me, call.method, checked.decision)
             return _deny(spans, call, started, attributes, checked.decision, state)
         state.counters.allowed += 1
-        attributes[ATTR.DECISION] = "allow"
-        attributes[ATTR.REASON] = decision.reason.value
-        if decision.policy:
-            attributes[ATTR.POLICY] = decision.policy
-        span = spans.start(call, started, attributes)
         chain = checked.chain
-        if chain is not None:
-            chains.annotate(span, chain)
-        key = next(self._ids)
-        self._open[key] = _Open(
-            caller, call.method, control, span, chain.data if chain else None, now
-        )
         app_headers = hdr.for_app(peer, caller_text, chain.headers() if chain else ())
-        headers = inject_context(app_headers, span)
-        observer = _SpanObserver(span, lambda: self._close(key))
-        return Forward(self._app, tuple(headers), observer)
-
-    def _close(self, key: int) -> None:
-        self._open.pop(key, None)
+        if spans.seen:
+            attributes[ATTR.DECISION] = "allow"
+            attributes[ATTR.REASON] = decision.reason.value
+            if decision.policy:
+                attributes[ATTR.POLICY] = decision.policy
+            span = spans.start(call, started, attributes)
+            if chain is not None:
+                chains.annotate(span, chain)
+            headers = tuple(inject_context(app_headers, span))
+        else:  # no span: the app gets the caller's trace headers as they are
+            span, headers = trace.INVALID_SPAN, tuple(app_headers)
+        key = next(self._ids)
+        entry = self._open[key] = _InboundCall(
+            span, self._open, key, caller, call.method, control, chain.data if chain else None, now
+        )
+        return Forward(self._app, headers, entry)
 
     def _decide(self, caller: SpiffeId, method: str, now: datetime) -> Decision:
         state = self._state
@@ -337,6 +365,7 @@ class InboundRouter:
 
 
 _ALLOWED = Reason.ALLOWED.value
+_NO_SPAN = trace.INVALID_SPAN
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,10 +521,13 @@ class OutboundRouter:
         else:
             attributes[ATTR.TARGET] = target[:256]
         callee = plan.callee
-        attributes[ATTR.CALLEE] = plan.callee_text
         address, upstream, explain = plan.routes[next(self._rr) % len(plan.routes)]
         # The chain's hops carry the span's trace ID, so the span starts here.
-        span = spans.start(call, started, attributes)
+        if spans.seen:
+            attributes[ATTR.CALLEE] = plan.callee_text
+            span = spans.start(call, started, attributes)
+        else:
+            span = trace.INVALID_SPAN
         outgoing = chains.outbound_chain(
             state, agent, callee, call.method, span, headers=call.headers, sign=plan.sign
         )
@@ -511,10 +543,7 @@ class OutboundRouter:
         peer_headers = hdr.for_peer(
             agent, outgoing.chain, drop_authorization=outgoing.drop_authorization
         )
-        headers = inject_context(peer_headers, span)
-        return Forward(
-            upstream,
-            tuple(headers),
-            _SpanObserver(span, self._done),
-            explain_unavailable=explain,
+        headers = tuple(
+            inject_context(peer_headers, span) if span is not _NO_SPAN else peer_headers
         )
+        return Forward(upstream, headers, _SpanObserver(span, self._done), explain)
