@@ -108,9 +108,22 @@ def _check_text(value: object, field: str, *, required: bool) -> str:
     return value
 
 
+# Answers by path: a sidecar asks for the same few methods on every call. Bounded, and
+# only short paths are remembered (callers choose them).
+_METHOD_CHECKED: dict[str, bool] = {}
+_METHOD_CHECKED_MAX = 1024
+
+
 def is_grpc_method(method: str) -> bool:
     """True for a well-formed gRPC path, `/package.Service/Method`."""
-    return _GRPC_METHOD_RE.fullmatch(method) is not None
+    known = _METHOD_CHECKED.get(method)
+    if known is None:
+        known = _GRPC_METHOD_RE.fullmatch(method) is not None
+        if len(method) <= 256:
+            if len(_METHOD_CHECKED) >= _METHOD_CHECKED_MAX:
+                _METHOD_CHECKED.clear()
+            _METHOD_CHECKED[method] = known
+    return known
 
 
 class Attributes(Mapping[str, str]):

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trustmesh.errors import Code
+from trustmesh.resources import is_grpc_method
 from trustmesh_sidecar.h2 import grpc_wire as wire
 from trustmesh_sidecar.h2.call import MessageMeter
 from trustmesh_sidecar.h2.hpack_cache import (
@@ -377,11 +378,23 @@ def test_other_pseudo_header_values_are_still_checked() -> None:
         wire.parse_request(((b":method", b"POST"), (b":path", b"/a.B/C"), (b":authority", b"a\nb")))
 
 
-def test_forwardable_paths() -> None:
-    assert wire.forwardable_path("/a.B/C")
-    assert not wire.forwardable_path("/a B/C")
-    assert not wire.forwardable_path("")
-    assert not wire.forwardable_path("a.B/C")
+PATHS = {
+    "/a.B/C": (True, True),
+    "/a B/C": (False, False),
+    "": (False, False),
+    "a.B/C": (False, False),
+    "/a.B/C\n": (False, False),
+    "/a.B/C/D": (True, False),  # forwardable, but not a gRPC method
+    "/" + "a" * 300 + ".B/C": (True, True),  # too long to be remembered
+}
+
+
+@pytest.mark.parametrize(("path", "answers"), list(PATHS.items()), ids=list(range(len(PATHS))))
+def test_path_checks_give_the_same_answer_when_remembered(
+    path: str, answers: tuple[bool, bool]
+) -> None:
+    for _ in range(2):  # the second time from the memo
+        assert (wire.forwardable_path(path), is_grpc_method(path)) == answers
 
 
 def test_status_mappings() -> None:

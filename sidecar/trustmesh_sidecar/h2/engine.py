@@ -211,13 +211,8 @@ class H2Engine:
         except wire.Malformed as e:
             reject(stream, Code.INTERNAL, format_details("malformed_request", str(e)))
             return
-        start = CallStart(
-            method=req.path,
-            headers=req.metadata,
-            peer_address=conn.peer_address,
-            peer_chain=conn.peer_chain,
-            time_remaining=req.timeout,
-        )
+        # (method, headers, peer_address, peer_chain, time_remaining), positionally: per call
+        start = CallStart(req.path, req.metadata, conn.peer_address, conn.peer_chain, req.timeout)
         control = _Control()
         try:
             verdict = router.route(start, control)

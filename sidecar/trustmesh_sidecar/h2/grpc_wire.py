@@ -224,9 +224,19 @@ def parse_request(raw: RawHeaders) -> Request:
     )
 
 
+_FORWARDABLE: dict[str, bool] = {}  # answers by path, bounded like the field caches
+
+
 def forwardable_path(path: str) -> bool:
     """A path we would put on the wire upstream: printable ASCII, no spaces."""
-    return _FORWARDABLE_PATH_RE.fullmatch(path) is not None
+    known = _FORWARDABLE.get(path)
+    if known is None:
+        known = _FORWARDABLE_PATH_RE.fullmatch(path) is not None
+        if len(path) <= 256:
+            if len(_FORWARDABLE) >= _CACHE_ENTRIES:
+                _FORWARDABLE.clear()
+            _FORWARDABLE[path] = known
+    return known
 
 
 # Parsed response header lists and trailers, by their fields: an upstream answers every
