@@ -8,7 +8,8 @@ grpc-encoding) are carried over.
 
 Invariants:
 * `observer.finished` runs exactly once, whatever ends the call: the upstream's
-  status, a reset from either side, a lost connection, the deadline, the message
+  status, a reset from either side, a lost connection, the deadline (checked in slots
+  of 50 ms, one loop timer per slot: `deadlines.py`), the message
   limit or `abort()` (revocation).
 * Once the call has ended, both streams are closed or closing and unlinked from it;
   bytes that still arrive are credited and dropped by the connection.
@@ -31,6 +32,7 @@ from trustmesh.errors import Code, format_details
 from trustmesh_sidecar.engine import Forward, Headers
 from trustmesh_sidecar.h2 import grpc_wire as wire
 from trustmesh_sidecar.h2.connection import CONNECTION_LOST, H2Connection
+from trustmesh_sidecar.h2.deadlines import Deadlines
 from trustmesh_sidecar.h2.frames import ErrorCode
 from trustmesh_sidecar.h2.hpack_cache import RawHeaders, SplitBlock
 from trustmesh_sidecar.h2.streams import Block, Fields, Stream
@@ -132,12 +134,13 @@ class Call:
     __slots__ = (
         "_attempts",
         "_connect",
+        "_deadlines",
         "_loop",
         "_pending",
         "_replay",
         "_replay_bytes",
+        "_slot",
         "_task",
-        "_timer",
         "deadline",
         "done",
         "down",
@@ -161,6 +164,7 @@ class Call:
         fwd: Forward,
         *,
         connect: Connect,
+        deadlines: Deadlines,
         scheme: bytes,
         max_message_bytes: int,
         max_header_bytes: int,
@@ -183,7 +187,8 @@ class Call:
         self.retry_buffer_bytes = retry_buffer_bytes
         self.max_attempts = max_attempts
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadlines = deadlines
+        self._slot: int | None = None  # where `deadlines` holds this call
         self.request_meter = MessageMeter(max_message_bytes)
         self.response_meter = MessageMeter(max_message_bytes)
         self.max_header_bytes = max_header_bytes
@@ -193,7 +198,7 @@ class Call:
         self.deadline: float | None = None
         if request.timeout is not None:
             self.deadline = self._loop.time() + request.timeout
-            self._timer = self._loop.call_at(self.deadline, self._expired)
+            self._slot = deadlines.add(self.deadline, self)
         down.handler = self
         if down.remote_done:
             self._send_up(b"", True)
@@ -406,8 +411,9 @@ class Call:
             code, details = self.fwd.explain_unavailable() or (code, details)
         self.fail(code, details)
 
-    def _expired(self) -> None:
-        self._timer = None
+    def expired(self) -> None:
+        """`Deadlines`: the call's deadline has passed."""
+        self._slot = None
         self.fail(Code.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def abort(self, code: Code, details: str) -> None:
@@ -448,8 +454,9 @@ class Call:
             if held:
                 self.down.conn.credit(self.down, held)
         self._replay = None
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._slot is not None:
+            self._deadlines.remove(self._slot, self)
+            self._slot = None
         if self._task is not None and not self._task.done():
             self._task.cancel()
         try:

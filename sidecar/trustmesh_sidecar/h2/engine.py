@@ -37,6 +37,7 @@ from trustmesh_sidecar.h2 import grpc_wire as wire
 from trustmesh_sidecar.h2.call import Call, reject
 from trustmesh_sidecar.h2.config import H2Config
 from trustmesh_sidecar.h2.connection import H2Connection
+from trustmesh_sidecar.h2.deadlines import Deadlines
 from trustmesh_sidecar.h2.hpack_cache import RawHeaders
 from trustmesh_sidecar.h2.streams import Stream
 from trustmesh_sidecar.h2.tls import TlsMaterial, acceptor, check_server, verified_chain
@@ -98,6 +99,7 @@ class H2Engine:
         self._servers: list[asyncio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conns: set[H2Connection] = set()
+        self._deadlines: Deadlines | None = None  # made on the loop of the first call
 
     # -- Engine ---------------------------------------------------------------------------
 
@@ -233,6 +235,7 @@ class H2Engine:
             req,
             verdict,
             connect=self._connect,
+            deadlines=self._deadlines_of(conn),
             scheme=b"http" if verdict.upstream.expected_id is None else b"https",
             max_message_bytes=cfg.max_message_bytes,
             max_header_bytes=cfg.max_header_list_bytes,
@@ -244,6 +247,12 @@ class H2Engine:
             call.abort(*control.status)
             return
         call.start()
+
+    def _deadlines_of(self, conn: H2Connection) -> Deadlines:
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = Deadlines(conn.loop)
+        return deadlines
 
     # -- upstreams ----------------------------------------------------------------------------
 
