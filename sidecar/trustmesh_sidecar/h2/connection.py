@@ -215,7 +215,14 @@ class H2Connection(FrameReceiver, asyncio.Protocol):
         batch.active = True
         try:
             for event in self._decoder.feed(data):
-                self._dispatch(event)
+                # DATA and HEADERS straight to their handlers; `_dispatch` for the rest
+                # (and for anything before the peer's SETTINGS, which it refuses).
+                if type(event) is f.DataFrame and self._got_settings:
+                    self._on_data(event)
+                elif type(event) is f.HeaderBlock and self._got_settings:
+                    self._on_headers(event)
+                else:
+                    self._dispatch(event)
                 if self.closed:
                     break
         except ProtocolError as e:

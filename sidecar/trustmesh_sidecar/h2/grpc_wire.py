@@ -391,6 +391,9 @@ def parse_timeout(value: str) -> float | None:
 
 def format_timeout(seconds: float) -> str:
     """A grpc-timeout value (at most 8 digits) no shorter than `seconds`."""
+    count = max(1, math.ceil(seconds / 1e-3))
+    if count < 100_000_000:  # under ~27 hours: milliseconds (the loop's first answer)
+        return f"{count}m"
     for unit, scale in (("m", 1e-3), ("S", 1.0), ("M", 60.0), ("H", 3600.0)):
         count = max(1, math.ceil(seconds / scale))
         if count < 100_000_000:

@@ -222,7 +222,10 @@ class HeaderEncoder:
         self._table = _VersionedTable()
         self._enc.header_table = self._table
         self._fields: dict[tuple[bytes, bytes], tuple[int, bytes]] = {}
-        self._blocks: dict[tuple[tuple[bytes, bytes], ...], tuple[int, bytes]] = {}
+        # Whole blocks by the identity of their tuple (the engine sends the same tuple
+        # objects again and again; hashing one means hashing every field in it). Each
+        # entry keeps its tuple alive, so an id is never reused while it is here.
+        self._blocks: dict[int, tuple[tuple[tuple[bytes, bytes], ...], int, bytes]] = {}
 
     def set_table_size(self, size: int) -> None:
         """The peer's SETTINGS_HEADER_TABLE_SIZE; we never use more than 4096."""
@@ -244,15 +247,15 @@ class HeaderEncoder:
 
     def _whole(self, headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
         table = self._table
-        hit = self._blocks.get(headers)
-        if hit is not None and hit[0] == table.version and not table.resized:
-            return hit[1]
+        hit = self._blocks.get(id(headers))
+        if hit is not None and hit[0] is headers and hit[1] == table.version and not table.resized:
+            return hit[2]
         before = table.version
         block = self._encode(headers)
         if table.version == before and not any(name in _LITERAL for name, _ in headers):
             if len(self._blocks) >= _BLOCK_ENTRIES:
                 self._blocks.clear()
-            self._blocks[headers] = (before, block)
+            self._blocks[id(headers)] = (headers, before, block)
         return block
 
     def _encode(
