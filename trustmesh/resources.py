@@ -108,22 +108,38 @@ def _check_text(value: object, field: str, *, required: bool) -> str:
     return value
 
 
-# Answers by path: a sidecar asks for the same few methods on every call. Bounded, and
-# only short paths are remembered (callers choose them).
-_METHOD_CHECKED: dict[str, bool] = {}
-_METHOD_CHECKED_MAX = 1024
+class RememberedMatch:
+    """Whether `pattern` matches all of a text, remembered per text: a sidecar checks
+    the same few method paths on every call. Bounded (emptied when full), and texts
+    longer than `max_len` are not remembered (callers choose them)."""
+
+    __slots__ = ("_answers", "_max_entries", "_max_len", "_pattern")
+
+    def __init__(
+        self, pattern: re.Pattern[str], *, max_entries: int = 1024, max_len: int = 256
+    ) -> None:
+        self._pattern = pattern
+        self._answers: dict[str, bool] = {}
+        self._max_entries = max_entries
+        self._max_len = max_len
+
+    def __call__(self, text: str) -> bool:
+        known = self._answers.get(text)
+        if known is None:
+            known = self._pattern.fullmatch(text) is not None
+            if len(text) <= self._max_len:
+                if len(self._answers) >= self._max_entries:
+                    self._answers.clear()
+                self._answers[text] = known
+        return known
+
+
+_is_grpc_method = RememberedMatch(_GRPC_METHOD_RE)
 
 
 def is_grpc_method(method: str) -> bool:
     """True for a well-formed gRPC path, `/package.Service/Method`."""
-    known = _METHOD_CHECKED.get(method)
-    if known is None:
-        known = _GRPC_METHOD_RE.fullmatch(method) is not None
-        if len(method) <= 256:
-            if len(_METHOD_CHECKED) >= _METHOD_CHECKED_MAX:
-                _METHOD_CHECKED.clear()
-            _METHOD_CHECKED[method] = known
-    return known
+    return _is_grpc_method(method)
 
 
 class Attributes(Mapping[str, str]):

@@ -110,16 +110,14 @@ def _request_head(
     return head
 
 
-def trailers_only(code: Code, details: str, metadata: Headers = ()) -> Fields:
-    fields = [
+def trailers_only(
+    code: Code, details: str, metadata: Headers = (), details_bin: bytes | None = None
+) -> Fields:
+    return [
         (b":status", b"200"),
         (b"content-type", b"application/grpc"),
-        (b"grpc-status", b"%d" % code.value),
+        *wire.status_fields(code, details, metadata, details_bin),
     ]
-    if details:
-        fields.append((b"grpc-message", wire.encode_message(details)))
-    fields += wire.metadata_fields(metadata)
-    return fields
 
 
 def reject(stream: Stream, code: Code, details: str) -> None:
@@ -338,19 +336,10 @@ class Call:
                 return
             if not end:
                 metadata = self.fwd.observer.response_headers(resp.metadata)
-                if metadata is resp.metadata:  # kept as it is (the usual case)
+                if metadata is resp.metadata:  # kept as it is (the usual case): shared
                     self.down.send_headers(wire.headers_out(resp), False)
                 else:
-                    fields: Fields = [
-                        (b":status", b"200"),
-                        (b"content-type", resp.content_type or b"application/grpc"),
-                    ]
-                    if resp.encoding is not None:
-                        fields.append((b"grpc-encoding", resp.encoding))
-                    if resp.accept_encoding is not None:
-                        fields.append((b"grpc-accept-encoding", resp.accept_encoding))
-                    fields += wire.metadata_fields(metadata)
-                    self.down.send_headers(fields, False)
+                    self.down.send_headers(wire.response_fields(resp, metadata), False)
                 self.headers_out = True
                 return
         elif not end:
@@ -389,14 +378,9 @@ class Call:
             self._end(code, details)
             return
         if self.headers_out:
-            fields: Fields = [(b"grpc-status", b"%d" % code.value)]
-            if details:
-                fields.append((b"grpc-message", wire.encode_message(details)))
-            fields += wire.metadata_fields(metadata)
+            fields = wire.status_fields(code, details, metadata, resp.details_bin)
         else:
-            fields = trailers_only(code, details, metadata)
-        if resp.details_bin is not None:
-            fields.append((b"grpc-status-details-bin", resp.details_bin))
+            fields = trailers_only(code, details, metadata, resp.details_bin)
         self._end_down(fields)
         self._end(code, details)
 
@@ -425,13 +409,10 @@ class Call:
         if self.done:
             return
         self.down.discard()  # queued response bytes must not delay the status
-        if self.headers_out:
-            fields: Fields = [(b"grpc-status", b"%d" % code.value)]
-            if details:
-                fields.append((b"grpc-message", wire.encode_message(details)))
-        else:
-            fields = trailers_only(code, details)
-        self._end_down(fields)
+        headers_out = self.headers_out
+        self._end_down(
+            wire.status_fields(code, details) if headers_out else trailers_only(code, details)
+        )
         self._end(code, details)
 
     def _end_down(self, fields: Block) -> None:

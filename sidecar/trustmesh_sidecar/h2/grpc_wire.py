@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 from trustmesh.errors import Code
+from trustmesh.resources import RememberedMatch
 from trustmesh_sidecar.engine import Header, Headers
 from trustmesh_sidecar.h2.frames import ErrorCode
 from trustmesh_sidecar.h2.hpack_cache import RawHeaders
@@ -45,6 +46,8 @@ __all__ = [
     "parse_request",
     "parse_response",
     "parse_timeout",
+    "response_fields",
+    "status_fields",
     "status_of_http",
     "status_of_reset",
     "trailers_out",
@@ -224,19 +227,12 @@ def parse_request(raw: RawHeaders) -> Request:
     )
 
 
-_FORWARDABLE: dict[str, bool] = {}  # answers by path, bounded like the field caches
+_forwardable = RememberedMatch(_FORWARDABLE_PATH_RE)
 
 
 def forwardable_path(path: str) -> bool:
     """A path we would put on the wire upstream: printable ASCII, no spaces."""
-    known = _FORWARDABLE.get(path)
-    if known is None:
-        known = _FORWARDABLE_PATH_RE.fullmatch(path) is not None
-        if len(path) <= 256:
-            if len(_FORWARDABLE) >= _CACHE_ENTRIES:
-                _FORWARDABLE.clear()
-            _FORWARDABLE[path] = known
-    return known
+    return _forwardable(path)
 
 
 # Parsed response header lists and trailers, by their fields: an upstream answers every
@@ -310,34 +306,48 @@ def _parse_response(raw: RawHeaders, trailers: bool) -> Response:
     )
 
 
+def response_fields(resp: Response, metadata: Headers) -> list[tuple[bytes, bytes]]:
+    """The response headers sent downstream for `resp`, with `metadata`."""
+    fields = [
+        (b":status", b"200"),
+        (b"content-type", resp.content_type or b"application/grpc"),
+    ]
+    if resp.encoding is not None:
+        fields.append((b"grpc-encoding", resp.encoding))
+    if resp.accept_encoding is not None:
+        fields.append((b"grpc-accept-encoding", resp.accept_encoding))
+    fields += metadata_fields(metadata)
+    return fields
+
+
+def status_fields(
+    code: Code, details: str, metadata: Headers = (), details_bin: bytes | None = None
+) -> list[tuple[bytes, bytes]]:
+    """A call's status as trailer fields."""
+    fields = [(b"grpc-status", b"%d" % code.value)]
+    if details:
+        fields.append((b"grpc-message", encode_message(details)))
+    fields += metadata_fields(metadata)
+    if details_bin is not None:
+        fields.append((b"grpc-status-details-bin", details_bin))
+    return fields
+
+
 def headers_out(resp: Response) -> tuple[tuple[bytes, bytes], ...]:
-    """The response headers sent downstream for `resp` with its own metadata."""
+    """`response_fields` for `resp` with its own metadata, made once per `resp`."""
     out = resp.headers_fields
     if out is None:
-        fields = [
-            (b":status", b"200"),
-            (b"content-type", resp.content_type or b"application/grpc"),
-        ]
-        if resp.encoding is not None:
-            fields.append((b"grpc-encoding", resp.encoding))
-        if resp.accept_encoding is not None:
-            fields.append((b"grpc-accept-encoding", resp.accept_encoding))
-        fields += metadata_fields(resp.metadata)
-        out = resp.headers_fields = tuple(fields)
+        out = resp.headers_fields = tuple(response_fields(resp, resp.metadata))
     return out
 
 
 def trailers_out(resp: Response) -> tuple[tuple[bytes, bytes], ...]:
-    """The trailers sent downstream after response headers for `resp`, with its own
-    status, message and metadata."""
+    """`status_fields` for the trailers `resp` (after response headers) with its own
+    status, message and metadata, made once per `resp`."""
     out = resp.trailers_fields
     if out is None:
-        fields = [(b"grpc-status", b"%d" % grpc_code(resp.grpc_status).value)]
-        if resp.grpc_message:
-            fields.append((b"grpc-message", encode_message(resp.grpc_message)))
-        fields += metadata_fields(resp.metadata)
-        if resp.details_bin is not None:
-            fields.append((b"grpc-status-details-bin", resp.details_bin))
+        code = grpc_code(resp.grpc_status)
+        fields = status_fields(code, resp.grpc_message, resp.metadata, resp.details_bin)
         out = resp.trailers_fields = tuple(fields)
     return out
 
