@@ -41,7 +41,9 @@ Header = tuple[str, str | bytes]
 Headers = tuple[Header, ...]
 
 
-@dataclass(frozen=True, slots=True)
+# CallStart and Forward are made per call and never changed after: plain slots classes
+# (a frozen dataclass's __init__ sets every field through object.__setattr__).
+@dataclass(slots=True)
 class CallStart:
     method: str
     headers: Headers
@@ -70,7 +72,7 @@ class CallObserver(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Forward:
     upstream: Upstream
     headers: Headers

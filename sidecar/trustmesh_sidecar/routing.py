@@ -224,7 +224,7 @@ class InboundRouter:
         self._audit = Audit(audit_flush_interval)
         self._callers = Callers()
         self._decisions: dict[
-            tuple[SpiffeId, SpiffeId, str], tuple[Snapshot, int, Decision, datetime | None]
+            tuple[str, str, str], tuple[Snapshot, int, Decision, datetime | None]
         ] = {}
         self._limits = limits
         self._open: dict[int, _InboundCall] = {}
@@ -301,7 +301,7 @@ class InboundRouter:
         stays at the same generation (any applied update moves it on: a disable, a
         policy change) and both agents stay short of their expiresAt. Decisions made
         while either agent was unknown, disabled or expired are not remembered."""
-        key = (caller, me, method)
+        key = (caller.text, me.text, method)  # interned strings: hashed in C, once
         generation = snapshot.generation
         found = self._decisions.get(key)
         if found is not None:
