@@ -28,7 +28,6 @@ from trustmesh.delegation import (
     UserOrigin,
     VerifiedChain,
     extend_chain,
-    needs_signed_hop,
     verify_chain,
 )
 from trustmesh.spiffe_id import SpiffeId
@@ -103,9 +102,6 @@ def _user_origin(
     return user, bearer is not None
 
 
-_NO_CHAIN = Outgoing(None, False)
-
-
 def outbound_chain(
     state: SidecarState,
     agent: hdr.Reserved,
@@ -114,25 +110,17 @@ def outbound_chain(
     span: trace.Span,
     *,
     headers: Headers,
-    sign: bool | None = None,
+    sign: bool,
 ) -> Outgoing | Decision:
     """The chain to send to `callee`, from the agent's headers (`agent`, read from
-    `headers`). `sign`: `needs_signed_hop` for the current snapshot, if known."""
-    if (
-        sign is False
-        and agent.delegation is None
-        and agent.user_token is None
-        and (agent.authorization is None or state.user_tokens is None)
-    ):
-        return _NO_CHAIN  # a direct call: mTLS says it all
+    `headers`). `sign`: whether our hop must be signed (`needs_signed_hop` for the
+    current snapshot)."""
     origin = _user_origin(state, agent)
     if isinstance(origin, Decision):
         return origin
     user, drop_authorization = origin
     raw = agent.delegation
     incoming = raw if isinstance(raw, bytes) or raw is None else _MALFORMED
-    if sign is None:
-        sign = needs_signed_hop(state.snapshot, callee)
     if incoming is None and user is None and not sign:
         return Outgoing(None, drop_authorization)  # a direct call: mTLS says it all
     found = trace_id_of(span, headers)

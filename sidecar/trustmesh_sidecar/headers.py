@@ -43,7 +43,7 @@ USER_TOKEN = "trustmesh-user-token"  # noqa: S105 (a header name)
 
 # Set by grpc itself; forwarding them as metadata would be rejected or wrong. (The h2
 # engine never makes them metadata in the first place: `grpc_wire`.)
-TRANSPORT = _TRANSPORT = frozenset(
+TRANSPORT = frozenset(
     {
         "content-type",
         "te",
@@ -66,34 +66,20 @@ TRANSPORT = _TRANSPORT = frozenset(
 
 
 def _is_transport(key: str) -> bool:
-    return key.startswith(":") or key in _TRANSPORT
-
-
-# Whether a key (as received, any case) is dropped: memoized, since the same few keys
-# arrive on every call. Bounded: keys are the caller's choice, so past the bound the
-# answer is computed without being remembered.
-_DROPPED: dict[str, bool] = {}
-_DROPPED_MAX = 1024
-
-
-def _dropped(key: str) -> bool:
-    dropped = _DROPPED.get(key)
-    if dropped is None:
-        low = key.lower()
-        dropped = low.startswith(PREFIX) or _is_transport(low)
-        if len(_DROPPED) < _DROPPED_MAX:
-            _DROPPED[key] = dropped
-    return dropped
+    return key.startswith(":") or key in TRANSPORT
 
 
 AUTHORIZATION = "authorization"
 
-# What a key (as received, any case) is to the sidecar, memoized and bounded like
-# `_dropped`: one of the reserved keys it reads, another key it drops, or a key it
-# forwards (`_OTHER`; `authorization` is read and forwarded).
-_OTHER, _DROP, _TARGET, _DELEGATION, _USER_TOKEN, _AUTHORIZATION = range(6)
+# What a key (as received, any case) is to the sidecar: a key it forwards (`_OTHER`),
+# `authorization` (read, and forwarded unless the sidecar verified it), or one it
+# drops: a reserved key it reads, or any other `trustmesh-*` or transport key.
+# Memoized, since the same few keys arrive on every call; bounded, since keys are the
+# caller's choice (past the bound the answer is computed without being remembered).
+_OTHER, _AUTHORIZATION, _DROP, _TARGET, _DELEGATION, _USER_TOKEN = range(6)
 _READ = {TARGET: _TARGET, DELEGATION: _DELEGATION, USER_TOKEN: _USER_TOKEN}
 _KINDS: dict[str, int] = {}
+_KINDS_MAX = 1024
 
 
 def _kind(key: str) -> int:
@@ -104,10 +90,14 @@ def _kind(key: str) -> int:
         if kind is None and low == AUTHORIZATION:
             kind = _AUTHORIZATION
         elif kind is None:
-            kind = _DROP if _dropped(key) else _OTHER
-        if len(_KINDS) < _DROPPED_MAX:
+            kind = _DROP if low.startswith(PREFIX) or _is_transport(low) else _OTHER
+        if len(_KINDS) < _KINDS_MAX:
             _KINDS[key] = kind
     return kind
+
+
+def _dropped(key: str) -> bool:
+    return _kind(key) >= _DROP
 
 
 class Reserved:
@@ -130,6 +120,7 @@ class Reserved:
 
 
 def read(headers: Iterable[Header]) -> Reserved:
+    """A call's headers in one pass (`Reserved`)."""
     out = Reserved()
     kept = out.kept
     kinds = _KINDS
