@@ -37,7 +37,7 @@ from trustmesh_sidecar.h2.frames import ErrorCode
 from trustmesh_sidecar.h2.hpack_cache import RawHeaders, SplitBlock
 from trustmesh_sidecar.h2.streams import Block, Fields, Stream
 
-__all__ = ["Call", "MessageMeter", "reject", "trailers_only"]
+__all__ = ["Call", "Control", "MessageMeter", "reject", "trailers_only"]
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,30 @@ def reject(stream: Stream, code: Code, details: str) -> None:
         stream.send_reset(ErrorCode.NO_ERROR)
 
 
+class Control:
+    """The CallControl a router gets before the call exists; then it forwards to the
+    call, until the call ends (`Call._end` unlinks them: routers keep their control
+    while the call is open, and a link left behind would make every call a reference
+    cycle, garbage for the cyclic collector rather than freed when it ends)."""
+
+    __slots__ = ("call", "status")
+
+    def __init__(self) -> None:
+        self.call: Call | None = None
+        self.status: tuple[Code, str] | None = None
+
+    def abort(self, code: Code, details: str) -> None:
+        if self.call is not None:
+            self.call.abort(code, details)
+        elif self.status is None:
+            self.status = (code, details)
+
+
 class Call:
     __slots__ = (
         "_attempts",
         "_connect",
+        "_control",
         "_deadlines",
         "_loop",
         "_pending",
@@ -168,8 +188,12 @@ class Call:
         max_header_bytes: int,
         retry_buffer_bytes: int = 16 * 1024,
         max_attempts: int = 3,
+        control: Control | None = None,
     ) -> None:
         self._loop = down.conn.loop
+        self._control = control
+        if control is not None:
+            control.call = self
         self.down = down
         self.request = request
         self.fwd = fwd
@@ -429,6 +453,9 @@ class Call:
 
     def _end(self, code: Code, details: str) -> None:
         self.done = True
+        control = self._control
+        if control is not None:
+            control.call = self._control = None
         if self._pending:
             held = sum(len(data) for data, _, credited in self._pending if not credited)
             self._pending = []

@@ -34,7 +34,7 @@ from trustmesh.spiffe_id import SpiffeId
 from trustmesh.x509svid import BundleSet, X509Svid
 from trustmesh_sidecar.engine import CallRouter, CallStart, Forward, Reject, Upstream
 from trustmesh_sidecar.h2 import grpc_wire as wire
-from trustmesh_sidecar.h2.call import Call, reject
+from trustmesh_sidecar.h2.call import Call, Control, reject
 from trustmesh_sidecar.h2.config import H2Config
 from trustmesh_sidecar.h2.connection import H2Connection
 from trustmesh_sidecar.h2.deadlines import Deadlines
@@ -47,22 +47,6 @@ __all__ = ["H2Engine"]
 log = logging.getLogger(__name__)
 
 _Key = tuple[str, SpiffeId | None]
-
-
-class _Control:
-    """CallControl handed to the router before the call exists; then forwards to it."""
-
-    __slots__ = ("call", "status")
-
-    def __init__(self) -> None:
-        self.call: Call | None = None
-        self.status: tuple[Code, str] | None = None
-
-    def abort(self, code: Code, details: str) -> None:
-        if self.call is not None:
-            self.call.abort(code, details)
-        elif self.status is None:
-            self.status = (code, details)
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -215,7 +199,7 @@ class H2Engine:
             return
         # (method, headers, peer_address, peer_chain, time_remaining), positionally: per call
         start = CallStart(req.path, req.metadata, conn.peer_address, conn.peer_chain, req.timeout)
-        control = _Control()
+        control = Control()
         try:
             verdict = router.route(start, control)
         except Exception:
@@ -241,8 +225,8 @@ class H2Engine:
             max_header_bytes=cfg.max_header_list_bytes,
             retry_buffer_bytes=cfg.retry_buffer_bytes,
             max_attempts=cfg.max_attempts,
+            control=control,
         )
-        control.call = call
         if control.status is not None:
             call.abort(*control.status)
             return
