@@ -14,7 +14,7 @@ snapshot holds its endpoint, then, from the load generator:
 A first call that fails with UNAVAILABLE is retried (at most twice) and counted; its
 time runs to the first success. The peer is stopped after its sample. Figures are
 medians over samples of the first call and of each sample's median warm call; the
-order of mesh and direct rotates.
+order of mesh and direct is balanced (`common.order_of_round`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench.common import rotate
+from bench.common import order_of_round
 from bench.topology import BenchMesh
 
 __all__ = ["markdown", "measure"]
@@ -44,7 +44,7 @@ async def measure(bm: BenchMesh, *, samples: int, warm: int = 20) -> dict[str, A
                 "mesh": (client, [("trustmesh-target", peer)]),
                 "direct": (bm.app_address, []),
             }
-            for name in rotate(list(paths), i):
+            for name in order_of_round(list(paths), i):
                 address, md = paths[name]
                 got = await bm.gen.request("first_call", address=address, md=md, warm=warm)
                 first[name].append(got["first_ms"])

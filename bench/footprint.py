@@ -36,8 +36,8 @@ from bench.common import (
     Child,
     agent_doc,
     blueprint_doc,
+    order_of_round,
     policy_doc,
-    rotate,
     rss_mb,
     serve,
     summarize,
@@ -258,7 +258,7 @@ async def measure(*, sizes: tuple[int, int], samples: int, workdir: Path) -> dic
             out[str(n)] = hello
         rows: dict[str, list[dict[str, float]]] = {k: [] for k in probes}
         for i in range(samples):
-            for key in rotate(list(probes), i):
+            for key in order_of_round(list(probes), i):
                 rows[key].append(await probes[key].request("push", timeout=30))
                 await asyncio.sleep(0.05)
     finally:

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bench.common import machine, rotate
+from bench.common import machine, order_of_round
 from bench.inproc import cpu_seconds, echo_server, mesh_docs, pct, sequential, throughput
 from bench.relay import relay
 from trustmesh.demo.mesh import LocalMesh
@@ -209,7 +209,7 @@ async def run(rounds: int, calls: int, tput_calls: int, inflight: int) -> dict[s
                 await sequential(channel, md, 50)  # warm: connections, caches
             rows: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
             for r in range(rounds):
-                for name in rotate(list(paths), r):
+                for name in order_of_round(list(paths), r):
                     channel, md, pids = paths[name]
                     lat = await sequential(channel, md, calls)
                     before = [_cpu_ms(p) for p in pids]

@@ -12,7 +12,8 @@ Paths, all from the same load generator process to the same echo app process:
 
 "Tracing off" is the sidecars' default without an OTLP endpoint
 (`OTEL_TRACES_EXPORTER=none`): the SDK still creates spans but exports none.
-Every round measures every path, in a rotated order, so machine noise hits them
+Every round measures every path, in a balanced order (`common.order_of_round`: each
+path in each position and after each other path equally often), so machine noise hits them
 alike; figures are medians over rounds of each round's p50 and p99.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import delegation_slot
-from bench.common import Child, machine, median_of, rotate, summarize
+from bench.common import Child, machine, median_of, order_of_round, summarize
 from bench.topology import BenchMesh
 
 __all__ = ["markdown", "measure"]
@@ -56,7 +57,7 @@ async def measure(bm: BenchMesh, *, rounds: int, calls: int, workdir: Path) -> d
             await bm.gen.request("unary", address=address, md=md, n=WARMUP, method=method)
         rows: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
         for r in range(rounds):
-            for name in rotate(list(paths), r):
+            for name in order_of_round(list(paths), r):
                 address, md, method = paths[name]
                 got = await bm.gen.request(
                     "unary", address=address, md=md, n=calls, method=method, timeout=calls * 5 + 30

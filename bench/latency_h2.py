@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import rotate
+from bench.common import order_of_round
 from bench.inproc import (
     PAYLOAD,
     cpu_seconds,
@@ -112,7 +112,7 @@ async def main_async(
                 await sequential(ch, md, 50)
             rows: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
             for r in range(rounds):
-                for name in rotate(list(paths), r):  # the order rotates round by round
+                for name in order_of_round(list(paths), r):  # balanced orders (common.py)
                     ch, md = paths[name]
                     cpu = cpu_seconds(pids[name])
                     lat = await sequential(ch, md, calls)

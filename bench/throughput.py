@@ -8,7 +8,7 @@
    of both loads), for the client and the server sidecar.
 
 Same topology as the latency measure (`bench.topology`); each round runs both paths
-in a rotated order; figures are medians over rounds.
+in a balanced order (`common.order_of_round`); figures are medians over rounds.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench.common import RssSampler, rotate
+from bench.common import RssSampler, order_of_round
 from bench.topology import BenchMesh
 
 __all__ = ["markdown", "measure"]
@@ -54,7 +54,7 @@ async def measure(
     errors = 0
     first_error = ""
     for r in range(rounds):
-        for name in rotate(list(paths), r):
+        for name in order_of_round(list(paths), r):
             address, md = paths[name]
             with sampler.during(name == "mesh"):
                 got = await bm.gen.request(
@@ -69,7 +69,7 @@ async def measure(
             rate[name].append(got["done"] / got["elapsed_s"])
             errors += got["errors"]
             first_error = first_error or got["first_error"]
-        for name in rotate(list(paths), r):
+        for name in order_of_round(list(paths), r):
             address, md = paths[name]
             with sampler.during(name == "mesh"):
                 got = await bm.gen.request(

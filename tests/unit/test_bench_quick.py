@@ -5,8 +5,10 @@ No network and no processes: `.ci/run` runs the harness itself (`python -m bench
 
 from __future__ import annotations
 
+import itertools
 import random
 import sys
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` lives at the repo root
 
 from bench import decisions, report
-from bench.common import pct, rotate
+from bench.common import order_of_round, pct
 from trustmesh.authz import authorize
 from trustmesh.decision import Reason
 
@@ -36,8 +38,19 @@ def test_pct(values: list[float], p: float, want: float) -> None:
     assert pct(values, p) == want
 
 
-def test_rotate_moves_every_path_to_the_front_in_turn() -> None:
-    assert [rotate(["a", "b", "c"], r)[0] for r in range(4)] == ["a", "b", "c", "a"]
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7])
+def test_round_orders_are_balanced(n: int) -> None:
+    paths = [f"p{i}" for i in range(n)]
+    cycle = n if n % 2 == 0 else 2 * n
+    orders = [order_of_round(paths, r) for r in range(cycle)]
+    assert all(sorted(o) == paths for o in orders)  # each round measures every path once
+    positions = Counter((i, name) for o in orders for i, name in enumerate(o))
+    assert set(positions.values()) == {cycle // n}  # every path in every position alike
+    after = Counter(pair for o in orders for pair in itertools.pairwise(o))
+    if n > 1:  # every path right after every other path, equally often
+        assert len(after) == n * (n - 1)
+        assert len(set(after.values())) == 1
+    assert order_of_round(paths, cycle) == orders[0]  # and then the design repeats
 
 
 def test_decision_mix_is_what_the_docstring_says() -> None:
