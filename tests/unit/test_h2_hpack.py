@@ -305,6 +305,23 @@ def test_only_small_responses_are_remembered() -> None:
     assert wire.parse_response(large, trailers=True).metadata == (("x-large", "v" * 2048),)
 
 
+def test_requests_are_remembered_only_when_small_and_well_formed() -> None:
+    head = ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"grpc-timeout", b"5S"))
+    small = (*head, (b"x-small", b"v"))
+    large = (*head, (b"x-large", b"v" * 2048))
+    bad = (*head, (b"x-bad", b"a\r\nb: c"))
+    first = wire.parse_request(small)
+    assert wire.parse_request(small) is first  # the same block: the same shared value
+    assert (first.metadata, first.timeout) == ((("x-small", "v"),), 5.0)
+    wire.parse_request(large)
+    assert small in wire._REQUESTS and large not in wire._REQUESTS
+    assert wire.parse_request(large).metadata == (("x-large", "v" * 2048),)
+    for _ in range(2):  # refused every time: nothing about it is remembered
+        with pytest.raises(wire.Malformed):
+            wire.parse_request(bad)
+    assert bad not in wire._REQUESTS
+
+
 MALFORMED = {
     "upper-case-name": ((b":method", b"POST"), (b":path", b"/a.B/C"), (b"X-A", b"v")),
     "pseudo-after-regular": ((b":method", b"POST"), (b"x-a", b"v"), (b":path", b"/a.B/C")),

@@ -74,8 +74,8 @@ _TIMEOUT_RE = re.compile(r"([0-9]{1,8})([HMSmun])")
 _UNIT = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
-# Built per call and never changed: plain slots classes (a frozen dataclass's __init__
-# goes through object.__setattr__ for every field).
+# Never changed once built (and shared when remembered): plain slots classes (a frozen
+# dataclass's __init__ goes through object.__setattr__ for every field).
 @dataclass(slots=True)
 class Request:
     path: str
@@ -159,7 +159,26 @@ def _check_transport(name: bytes, value: bytes) -> None:
 
 
 def parse_request(raw: RawHeaders) -> Request:
-    """The request's fields; raises `Malformed` with a message for a bad header list."""
+    """The request's fields; raises `Malformed` with a message for a bad header list.
+
+    Remembered as responses are (`_REQUESTS`, below): an agent sends the same header
+    list call after call (its deadline too: grpc-core reuses the table entry of a
+    recent timeout), and the HPACK decoder hands a block it has seen before back as
+    the same tuple. A `Request` is shared and never changed; a malformed list is never
+    remembered, so it raises every time.
+    """
+    found = _REQUESTS.get(raw)
+    if found is not None:
+        return found
+    req = _parse_request(raw)
+    if sum(len(name) + len(value) for name, value in raw) <= _MEMO_MAX_BYTES:
+        if len(_REQUESTS) >= _MEMO_ENTRIES:
+            _REQUESTS.clear()
+        _REQUESTS[raw] = req
+    return req
+
+
+def _parse_request(raw: RawHeaders) -> Request:
     pseudo: dict[bytes, bytes] = {}
     metadata: list[Header] = []
     regular = False
@@ -235,11 +254,13 @@ def forwardable_path(path: str) -> bool:
     return _forwardable(path)
 
 
-# Parsed response header lists and trailers, by their fields: an upstream answers every
-# call of a method with the same fields, and the HPACK decoder hands a block it has
-# seen before back as the same tuple, so a hit is one probe matched by identity. The
-# `Response` values are shared and never changed. Bounded in entries and in the size
-# of what is kept (fields an upstream varies per call would only churn it).
+# Parsed request header lists, response header lists and trailers, by their fields: an
+# agent sends the same request fields call after call, an upstream answers every call
+# of a method with the same fields, and the HPACK decoder hands a block it has seen
+# before back as the same tuple, so a hit is one probe matched by identity. The values
+# are shared and never changed. Bounded in entries and in the size of what is kept
+# (fields varied per call, a trace context or a delegation chain, would only churn it).
+_REQUESTS: dict[RawHeaders, Request] = {}
 _RESPONSES: dict[RawHeaders, Response] = {}
 _TRAILERS: dict[RawHeaders, Response] = {}
 _MEMO_ENTRIES = 256
