@@ -417,14 +417,17 @@ def _head(length: int, ftype: int, flags: int, sid: int) -> bytes:
 
 
 def data_frame(sid: int, data: bytes, end_stream: bool) -> bytes:
-    return _head(len(data), DATA, FLAG_END_STREAM if end_stream else 0, sid) + data
+    n = len(data)  # _head, inline (per message)
+    flags = FLAG_END_STREAM if end_stream else 0
+    return _HEADER.pack(n >> 16, n & 0xFFFF, DATA, flags, sid) + data
 
 
 def headers_frames(sid: int, block: bytes, end_stream: bool, max_frame_size: int) -> bytes:
     """HEADERS (+ CONTINUATION frames when the block exceeds the peer's frame size)."""
     flags = FLAG_END_STREAM if end_stream else 0
-    if len(block) <= max_frame_size:
-        return _head(len(block), HEADERS, flags | FLAG_END_HEADERS, sid) + block
+    n = len(block)
+    if n <= max_frame_size:  # _head, inline (per block)
+        return _HEADER.pack(n >> 16, n & 0xFFFF, HEADERS, flags | FLAG_END_HEADERS, sid) + block
     parts = [block[i : i + max_frame_size] for i in range(0, len(block), max_frame_size)]
     out = [_head(len(parts[0]), HEADERS, flags, sid), parts[0]]
     for i, part in enumerate(parts[1:], start=2):
