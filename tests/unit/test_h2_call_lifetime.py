@@ -8,7 +8,9 @@ and a gen-0 collection every ~60 calls, each a pause of 0.2-0.35 ms on a call.
 
 One engine on in-memory transports (the agent's connection and a pooled upstream
 one), a router whose observer keeps its control, and every way a call ends; with the
-collector off, nothing of an ended call may be left for it.
+collector off, nothing of an ended call may be left for it. The same harness checks
+that a path this router lets through (it forwards everything) still never goes
+upstream unless it is one the engine would put on the wire.
 """
 
 from __future__ import annotations
@@ -69,12 +71,12 @@ class Mesh:
     agent: hpack.Encoder
     app: hpack.Encoder
 
-    def request(self, timeout: str = "5S") -> None:
+    def request(self, timeout: str = "5S", path: str = "/test.Echo/Unary") -> None:
         block = self.agent.encode(
             [
                 (":method", "POST"),
                 (":scheme", "http"),
-                (":path", "/test.Echo/Unary"),
+                (":path", path),
                 (":authority", "127.0.0.1:15001"),
                 ("grpc-timeout", timeout),
                 ("te", "trailers"),
@@ -210,3 +212,24 @@ async def test_an_open_call_can_still_be_aborted_through_its_control(
     assert control.call is None  # unlinked once ended: a late abort reaches nothing
     control.abort(Code.UNAVAILABLE, "too late")
     assert m.router.observers[-1].ended == [Code.PERMISSION_DENIED]
+
+
+@pytest.mark.parametrize(
+    "path", ["/a B/C", "/a.B/C\n", "a.B/C"], ids=["space", "newline", "relative"]
+)
+async def test_a_path_the_router_let_through_is_not_forwarded(path: str) -> None:
+    m = mesh(engine(), Router())
+    m.request(path=path)
+    assert not m.up.streams  # nothing opened upstream
+    assert [o.ended for o in m.router.observers] == [[Code.INTERNAL]]
+    transport = m.down.transport
+    assert isinstance(transport, MemoryTransport)
+    blocks = [
+        ev.block
+        for ev in f.FrameDecoder(expect_preface=False).feed(bytes(transport.out))
+        if isinstance(ev, f.HeaderBlock)
+    ]
+    fields = dict(hpack.Decoder().decode(blocks[-1], raw=True))
+    assert fields[b"grpc-status"] == b"13"
+    assert b"malformed_request" in fields[b"grpc-message"]
+    assert b"illegal :path" in fields[b"grpc-message"]

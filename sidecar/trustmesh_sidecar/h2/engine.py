@@ -209,7 +209,7 @@ class H2Engine:
         if isinstance(verdict, Reject):
             reject(stream, verdict.code, verdict.details)
             return
-        if not wire.forwardable_path(req.path):  # the router's check, made again here
+        if not req.forwardable:  # the router's check, made again here (`forwardable_path`)
             details = format_details("malformed_request", f"illegal :path {req.path[:128]!r}")
             reject(stream, Code.INTERNAL, details)
             verdict.observer.finished(Code.INTERNAL, details)

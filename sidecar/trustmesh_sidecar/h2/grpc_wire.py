@@ -85,6 +85,7 @@ class Request:
     timeout: float | None
     encoding: bytes | None  # grpc-encoding: the message bytes depend on it
     accept_encoding: bytes | None
+    forwardable: bool  # `forwardable_path(path)`, worked out with the rest
 
 
 @dataclass(slots=True)
@@ -235,14 +236,16 @@ def _parse_request(raw: RawHeaders) -> Request:
         seconds = parse_timeout(timeout.decode("latin-1"))
         if seconds is None:
             _check_transport(b"grpc-timeout", timeout)  # else not a timeout: none is set
+    text = path.decode("utf-8", "replace")
     return Request(
-        path.decode("utf-8", "replace"),
+        text,
         pseudo.get(b":authority", b"").decode("latin-1"),
         tuple(metadata),
         content_type or b"application/grpc",
         seconds,
         encoding,
         accept,
+        forwardable_path(text),
     )
 
 
