@@ -39,6 +39,7 @@ __all__ = [
     "RssSampler",
     "agent_doc",
     "blueprint_doc",
+    "cpu_times",
     "machine",
     "manifest",
     "order_of_round",
@@ -47,6 +48,7 @@ __all__ = [
     "registry_call",
     "rss_mb",
     "serve",
+    "steal_fraction",
     "summarize",
 ]
 
@@ -99,6 +101,24 @@ def order_of_round(items: Sequence[str], round_no: int) -> list[str]:
     if n % 2:  # odd: the mirrored rows balance the predecessors
         rows = [row for i in range(n) for row in (rows[i], rows[i][::-1])]
     return [items[k] for k in rows[round_no % len(rows)]]
+
+
+def cpu_times() -> tuple[int, int]:
+    """(steal, total) CPU time of the machine so far, in ticks, from /proc/stat; (0, 0)
+    where it is missing. See `steal_fraction`."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def steal_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of CPU time between two `cpu_times()` samples that the hypervisor gave
+    to other guests (steal): a run slowed by its host can be told from a slow path."""
+    total = after[1] - before[1]
+    return round((after[0] - before[0]) / total, 4) if total > 0 else 0.0
 
 
 def machine() -> dict[str, Any]:

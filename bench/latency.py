@@ -13,8 +13,14 @@ Paths, all from the same load generator process to the same echo app process:
 "Tracing off" is the sidecars' default without an OTLP endpoint
 (`OTEL_TRACES_EXPORTER=none`): the SDK still creates spans but exports none.
 Every round measures every path, in a balanced order (`common.order_of_round`: each
-path in each position and after each other path equally often), so machine noise hits them
-alike; figures are medians over rounds of each round's p50 and p99.
+path in each position and after each other path equally often), so machine noise hits
+them alike; figures are medians over rounds of each round's p50 and p99. After the
+traced path, the harness waits until the sink has every span of it (its sidecars
+export every 200 ms): otherwise the export of its last spans, and the sink's parsing
+of them, ran during whichever path came next, and with two cores that is where a p99
+went (2.7-2.8x in two full runs, against 1.6-1.9x once drained). Each round's figures,
+its order and the hypervisor's steal of CPU time are in the JSON (`per_round`,
+`cpu_steal_fraction`).
 """
 
 from __future__ import annotations
@@ -27,13 +33,33 @@ from pathlib import Path
 from typing import Any
 
 from bench import delegation_slot
-from bench.common import Child, machine, median_of, order_of_round, summarize
+from bench.common import (
+    Child,
+    cpu_times,
+    machine,
+    median_of,
+    order_of_round,
+    steal_fraction,
+    summarize,
+)
 from bench.topology import BenchMesh
 
 __all__ = ["markdown", "measure"]
 
 UNARY = "/bench.Echo/Unary"
 WARMUP = 50
+SPANS_PER_CALL = 2  # a traced call: one span from each of the two sidecars
+DRAIN_TIMEOUT_S = 5.0
+
+
+async def _drained(sink: Child, expected: int) -> int:
+    """Wait until the sink has `expected` spans (or `DRAIN_TIMEOUT_S` passed); the count."""
+    deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
+    while True:
+        spans = int((await sink.request("count"))["spans"])
+        if spans >= expected or asyncio.get_running_loop().time() > deadline:
+            return spans
+        await asyncio.sleep(0.02)
 
 
 async def measure(bm: BenchMesh, *, rounds: int, calls: int, workdir: Path) -> dict[str, Any]:
@@ -56,20 +82,33 @@ async def measure(bm: BenchMesh, *, rounds: int, calls: int, workdir: Path) -> d
         for address, md, method in paths.values():  # connections, caches, JIT-free warm-up
             await bm.gen.request("unary", address=address, md=md, n=WARMUP, method=method)
         rows: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+        orders: list[list[str]] = []
+        traced_calls = WARMUP
+        times = cpu_times()
         for r in range(rounds):
-            for name in order_of_round(list(paths), r):
+            orders.append(order_of_round(list(paths), r))
+            for name in orders[-1]:
                 address, md, method = paths[name]
                 got = await bm.gen.request(
                     "unary", address=address, md=md, n=calls, method=method, timeout=calls * 5 + 30
                 )
                 rows[name].append(summarize(got["ms"]))
-        await asyncio.sleep(0.5)  # one more export period, so the count covers the rounds
-        spans = (await sink.request("count"))["spans"]
+                if name == "mesh_traced":
+                    # Its sidecars export what is left of its spans (every 200 ms) before
+                    # the next path starts, not while it is measured.
+                    traced_calls += calls
+                    await _drained(sink, SPANS_PER_CALL * traced_calls)
+        steal = steal_fraction(times, cpu_times())
+        spans = await _drained(sink, SPANS_PER_CALL * traced_calls)
     finally:
         for name in ("client-traced", "server-traced", "planner", "tool"):
             await bm.stop_sidecar(name)
         await sink.stop()
     result: dict[str, Any] = {"rounds": rounds, "calls_per_round": calls, "payload_bytes": 1024}
+    # Each round's figures and order, and the share of CPU time the host took from this
+    # machine (steal) while the rounds ran: a slow run can be told from a slow path.
+    result["per_round"] = {"orders": orders, **rows}
+    result["cpu_steal_fraction"] = steal
     result["paths"] = {
         name: {"p50": median_of(r, "p50"), "p99": median_of(r, "p99")} for name, r in rows.items()
     }

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` lives at the repo root
 
 from bench import decisions, report
-from bench.common import order_of_round, pct
+from bench.common import order_of_round, pct, steal_fraction
 from trustmesh.authz import authorize
 from trustmesh.decision import Reason
 
@@ -51,6 +51,15 @@ def test_round_orders_are_balanced(n: int) -> None:
         assert len(after) == n * (n - 1)
         assert len(set(after.values())) == 1
     assert order_of_round(paths, cycle) == orders[0]  # and then the design repeats
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "want"),
+    [((10, 1000), (20, 2000), 0.01), ((0, 0), (0, 0), 0.0), ((5, 100), (5, 600), 0.0)],
+    ids=["one-percent", "no-proc-stat", "none-stolen"],
+)
+def test_steal_fraction(before: tuple[int, int], after: tuple[int, int], want: float) -> None:
+    assert steal_fraction(before, after) == want
 
 
 def test_decision_mix_is_what_the_docstring_says() -> None:
