@@ -24,6 +24,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from typing import TypeVar
 
 from trustmesh.errors import Code
 from trustmesh.resources import RememberedMatch
@@ -169,14 +170,7 @@ def parse_request(raw: RawHeaders) -> Request:
     remembered, so it raises every time.
     """
     found = _REQUESTS.get(raw)
-    if found is not None:
-        return found
-    req = _parse_request(raw)
-    if sum(len(name) + len(value) for name, value in raw) <= _MEMO_MAX_BYTES:
-        if len(_REQUESTS) >= _MEMO_ENTRIES:
-            _REQUESTS.clear()
-        _REQUESTS[raw] = req
-    return req
+    return found if found is not None else _remember(_REQUESTS, raw, _parse_request(raw))
 
 
 def _parse_request(raw: RawHeaders) -> Request:
@@ -267,6 +261,7 @@ _REQUESTS: dict[RawHeaders, Request] = {}
 _RESPONSES: dict[RawHeaders, Response] = {}
 _TRAILERS: dict[RawHeaders, Response] = {}
 _MEMO_ENTRIES = 256
+_Parsed = TypeVar("_Parsed", Request, Response)
 _MEMO_MAX_BYTES = 1024
 
 
@@ -274,14 +269,16 @@ def parse_response(raw: RawHeaders, *, trailers: bool) -> Response:
     """An upstream's response headers (`trailers=False`) or trailers."""
     memo = _TRAILERS if trailers else _RESPONSES
     found = memo.get(raw)
-    if found is not None:
-        return found
-    resp = _parse_response(raw, trailers)
+    return found if found is not None else _remember(memo, raw, _parse_response(raw, trailers))
+
+
+def _remember(memo: dict[RawHeaders, _Parsed], raw: RawHeaders, parsed: _Parsed) -> _Parsed:
+    """`parsed`, kept in `memo` under `raw` if the list is small enough (bounded)."""
     if sum(len(name) + len(value) for name, value in raw) <= _MEMO_MAX_BYTES:
         if len(memo) >= _MEMO_ENTRIES:
             memo.clear()
-        memo[raw] = resp
-    return resp
+        memo[raw] = parsed
+    return parsed
 
 
 def _parse_response(raw: RawHeaders, trailers: bool) -> Response:
